@@ -1,0 +1,1 @@
+"""OPT-style causal language models: the paper's OPT tasks, scored as likelihood or generated."""

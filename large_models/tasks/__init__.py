@@ -1,0 +1,1 @@
+"""One module per task, each exposing `TASK` (a `large_models.tasks.base.CausalTask`)."""

@@ -1,0 +1,101 @@
+"""The model-family interface: what the shared runner needs from OPT-style or RoBERTa-style code.
+
+A family package (`large_models`, `medium_models`) provides one `Adapter` subclass and a
+`tasks/` folder with one module per task, each exposing `TASK`. Adding a task touches that
+module and its `conf/task/<name>.yaml`.
+"""
+
+from __future__ import annotations
+
+import importlib
+import pkgutil
+from abc import ABC, abstractmethod
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from lozo_exp.config import ConfigError, ModelConfig, TaskConfig
+from lozo_exp.data import Row, Splits
+
+FAMILY_PACKAGES = {"causal": "large_models", "masked": "medium_models"}
+Batch = dict[str, Any]
+
+
+class Adapter(ABC):
+    """Turns rows into batches, batches into a loss, and rows into evaluation metrics."""
+
+    family: ClassVar[str]
+
+    def __init__(self, model: nn.Module, tokenizer, task: Any, model_cfg: ModelConfig):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.task = task
+        self.max_length = model_cfg.max_length
+
+    @staticmethod
+    @abstractmethod
+    def build_splits(task: Any, cfg: TaskConfig) -> Splits:
+        """Read the task's data and sample train/dev/test by the family's protocol."""
+
+    @abstractmethod
+    def collate(self, rows: list[Row]) -> Batch:
+        """Tensors of one training batch (on the model's device)."""
+
+    @abstractmethod
+    def loss(self, batch: Batch) -> torch.Tensor:
+        """Scalar training loss of a batch at the current parameters."""
+
+    @abstractmethod
+    def score_batch(self, rows: list[Row]) -> list[dict[str, float]]:
+        """Per-row metric values (e.g. `{"accuracy": 1.0}`) at the current parameters."""
+
+    @classmethod
+    def check(cls, task: Any, tokenizer) -> None:  # noqa: B027 (optional hook)
+        """Reject a task the tokenizer cannot serve, before the model is loaded."""
+
+    @torch.inference_mode()
+    def evaluate(self, rows: list[Row], batch_size: int) -> dict[str, float]:
+        """Mean metrics over rows (eval mode); include `self.task.metric`, the paper's number."""
+        was_training = self.model.training
+        self.model.eval()
+        scores = [
+            s
+            for i in range(0, len(rows), batch_size)
+            for s in self.score_batch(rows[i : i + batch_size])
+        ]
+        self.model.train(was_training)
+        return {k: sum(s[k] for s in scores) / len(scores) for k in scores[0]} if scores else {}
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+
+def family_package(family: str) -> str:
+    return FAMILY_PACKAGES[family]
+
+
+def adapter_class(family: str) -> type[Adapter]:
+    return importlib.import_module(f"{family_package(family)}.adapter").ADAPTER
+
+
+def available_tasks(family: str) -> list[str]:
+    pkg = importlib.import_module(f"{family_package(family)}.tasks")
+    return sorted(
+        m.name.replace("_", "-")
+        for m in pkgutil.iter_modules(pkg.__path__)
+        if not m.name.startswith("_") and m.name != "base"
+    )
+
+
+def load_task(family: str, name: str) -> Any:
+    """The family's task object for `name`, or a ConfigError listing the family's tasks."""
+    tasks = available_tasks(family)
+    if name not in tasks:
+        raise ConfigError(
+            f"task {name!r} is not available for the {family} model family "
+            f"({FAMILY_PACKAGES[family]}); choose one of: {', '.join(tasks)}"
+        )
+    module = f"{family_package(family)}.tasks.{name.replace('-', '_')}"
+    return importlib.import_module(module).TASK

@@ -1,0 +1,124 @@
+"""Task data: rows with the hub dataset's columns, from the hub, local files or the bundled sample,
+and the two sampling protocols of the paper (OPT: sampled train/dev/eval; RoBERTa: k-shot).
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from lozo_exp.config import ConfigError, TaskConfig
+
+log = logging.getLogger(__name__)
+
+SAMPLES = Path(__file__).parent / "samples"
+FILE_BUILDERS = {".parquet": "parquet", ".json": "json", ".jsonl": "json", ".csv": "csv"}
+Row = dict
+
+
+class DataUnavailable(ConfigError):
+    """The task's data cannot be read: the message says how to point at local files."""
+
+
+@dataclass
+class Splits:
+    train: list[Row]
+    dev: list[Row]
+    test: dict[str, list[Row]] = field(default_factory=dict)  # name -> rows (MNLI has two)
+
+
+def _read_file(path: str | Path) -> list[Row]:
+    import datasets
+
+    suffix = Path(path).suffix.lower()
+    if suffix not in FILE_BUILDERS:
+        raise ConfigError(
+            f"cannot read {path}: the file type {suffix!r} is not one of {', '.join(FILE_BUILDERS)}"
+        )
+    ds = datasets.load_dataset(FILE_BUILDERS[suffix], data_files=str(path), split="train")
+    return ds.to_list()
+
+
+def sample_path(task: str, split: str) -> Path:
+    return SAMPLES / task / f"{split}.jsonl"
+
+
+def load_rows(cfg: TaskConfig, split: str) -> list[Row]:
+    """One split (train, validation or test) of a task, with the hub dataset's columns."""
+    if split in cfg.data_files:
+        return _read_file(Path(cfg.data_files[split]).expanduser())
+    if cfg.source == "sample":
+        path = sample_path(cfg.name, split)
+        if not path.is_file():
+            raise DataUnavailable(
+                f"task {cfg.name!r} has no bundled {split} sample ({path}); "
+                f"use task.source=hub or task.data_files.{split}=<file>"
+            )
+        return _read_file(path)
+    return _load_hub(cfg, split)
+
+
+def _load_hub(cfg: TaskConfig, split: str) -> list[Row]:
+    import datasets
+
+    hub_split = cfg.splits.get(split, split)
+    try:
+        ds = datasets.load_dataset(cfg.hub_id, cfg.hub_config, split=hub_split)
+    except (ConnectionError, OSError, datasets.exceptions.DatasetNotFoundError) as err:
+        name = f"{cfg.hub_id}" + (f" ({cfg.hub_config})" if cfg.hub_config else "")
+        raise DataUnavailable(
+            f"The {split} split of task {cfg.name!r} could not be read from the hub dataset "
+            f"{name}: {type(err).__name__}: {str(err).splitlines()[0]}. If you are offline, "
+            f"point the task at local files with the hub dataset's columns, e.g. "
+            f"task.data_files.train=/path/train.parquet "
+            f"task.data_files.validation=/path/validation.parquet (parquet, json/jsonl or "
+            f"csv), or use the small bundled sample with task.source=sample."
+        ) from err
+    return ds.to_list()
+
+
+def _warn_short(what: str, got: int, wanted: int) -> None:
+    if got < wanted:
+        log.warning("%s: asked for %d examples, the source has only %d", what, wanted, got)
+
+
+def sample_opt_protocol(cfg: TaskConfig, train: list[Row], evaluation: list[Row]) -> Splits:
+    """MeZO/LOZO's OPT protocol: a seeded permutation of the train split gives
+    num_train + num_dev examples (dev = the last num_dev); num_eval are sampled from the
+    validation split. Fewer rows than asked for give a warning, not a crash."""
+    rng = random.Random(cfg.train_set_seed)
+    picked = rng.sample(train, min(len(train), cfg.num_train + cfg.num_dev))
+    _warn_short(f"{cfg.name} train+dev", len(picked), cfg.num_train + cfg.num_dev)
+    num_dev = min(cfg.num_dev, len(picked) // 2)
+    evaluation = random.Random(0).sample(evaluation, min(len(evaluation), cfg.num_eval))
+    _warn_short(f"{cfg.name} eval", len(evaluation), cfg.num_eval)
+    return Splits(train=picked[:-num_dev], dev=picked[-num_dev:], test={"test": evaluation})
+
+
+def sample_kshot(
+    cfg: TaskConfig, train: list[Row], tests: dict[str, list[Row]], label_of
+) -> Splits:
+    """LM-BFF k-shot: shuffle the training rows with the data seed; per label, the first k
+    go to train and the next k to dev; each test set is capped at `test_cap` rows."""
+    rows = list(train)
+    random.Random(cfg.data_seed).shuffle(rows)
+    by_label: dict[object, list[Row]] = defaultdict(list)
+    for row in rows:
+        by_label[label_of(row)].append(row)
+    picked_train: list[Row] = []
+    picked_dev: list[Row] = []
+    for label in sorted(by_label, key=str):
+        group = by_label[label]
+        _warn_short(
+            f"{cfg.name} label {label!r} (k={cfg.k} train + {cfg.k} dev)", len(group), 2 * cfg.k
+        )
+        picked_train += group[: cfg.k]
+        picked_dev += group[cfg.k : 2 * cfg.k]
+    return Splits(
+        train=picked_train,
+        dev=picked_dev,
+        test={name: t[: cfg.test_cap] for name, t in tests.items()},
+    )

@@ -1,0 +1,196 @@
+"""Two-point (SPSA) zeroth-order optimizers: the shared step and MeZO.
+
+A step perturbs the weights in place along a random direction d, evaluates the loss at θ+εd
+and θ−εd, restores θ and moves along d scaled by the slope g = (loss1 − loss2) / 2ε. The
+direction is never stored: every draw is a pure function of (seed, step, tensor index, kind),
+so the update regenerates exactly the perturbation's draws (the published LOZO code does not on
+V-refresh steps), memory stays at one direction-sized temporary per tensor, and the global RNG
+is never touched.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.optim import Optimizer
+
+Factors = tuple[Tensor, Tensor | None]
+"""Direction of one tensor: (z, None) means d = z; (U, V) means d = U·Vᵀ on its m×n view."""
+
+Params = Iterable[Tensor] | Iterable[tuple[str, Tensor]] | Iterable[dict[str, Any]]
+
+NO_DECAY = ("bias", "layer_norm", "layernorm")
+_KINDS = {"z": 1, "U": 2, "V": 3}
+_MASK64 = (1 << 64) - 1
+
+
+def _splitmix64(x: int) -> int:
+    x = (x + 0x9E3779B97F4A7C15) & _MASK64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return x ^ (x >> 31)
+
+
+def draw_key(seed: int, step: int, index: int, kind: str) -> int:
+    """64-bit generator seed; neighbouring (seed, step, index) tuples give unrelated streams."""
+    h = 0
+    for v in (seed, step, index, _KINDS[kind]):
+        h = _splitmix64(h ^ (v & _MASK64))
+    return h
+
+
+def default_param_groups(
+    named_params: Iterable[tuple[str, Tensor]], weight_decay: float
+) -> list[dict[str, Any]]:
+    """Trainable params split into a decayed group and a no-decay group (bias / LayerNorm).
+
+    Names are matched case-insensitively so HF RoBERTa's ``LayerNorm.weight`` is caught too.
+    """
+    decay: list[Tensor] = []
+    no_decay: list[Tensor] = []
+    for name, p in named_params:
+        if p.requires_grad:
+            (no_decay if any(k in name.lower() for k in NO_DECAY) else decay).append(p)
+    groups = [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+    return [g for g in groups if g["params"]]
+
+
+def _require(ok: bool, name: str, value: object, valid: str) -> None:
+    if not ok:
+        raise ValueError(f"{name} must be {valid}, got {value!r}")
+
+
+class ZeroOrderOptimizer(Optimizer):
+    """Two-point SPSA step shared by all estimators.
+
+    Subclasses define the direction through two hooks: ``_factors`` (draw this step's direction
+    factors of one tensor) and ``_update_direction`` (the step direction D of the update
+    θ ← θ − lr·(D + wd·θ); default D = g·d). Applying factors is separate (``_add_direction``,
+    ``_perturb``) so a fast engine can evaluate the perturbation as a side path instead.
+    """
+
+    def __init__(
+        self, params: Params, lr: float, eps: float = 1e-3, weight_decay: float = 0.0, seed: int = 0
+    ) -> None:
+        _require(eps > 0, "eps", eps, "> 0")
+        _require(isinstance(seed, int), "seed", seed, "an int")
+        params = list(params)
+        if params and isinstance(params[0], tuple):
+            params = default_param_groups(params, weight_decay)
+        super().__init__(params, {"lr": lr, "weight_decay": weight_decay})
+        self.eps = eps
+        self.seed = seed
+        self.step_count = 0
+        self.projected_grad: float | None = None
+        self.last_losses: tuple[float, float] | None = None
+        self._generators: dict[torch.device, torch.Generator] = {}
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        group = {**self.defaults, **param_group}
+        _require(group["lr"] >= 0, "lr", group["lr"], ">= 0")
+        _require(group["weight_decay"] >= 0, "weight_decay", group["weight_decay"], ">= 0")
+        super().add_param_group(param_group)
+
+    def step(self, closure: Callable[[], Tensor | float] | None = None) -> Tensor | float:
+        """One SPSA step. ``closure`` returns the loss at the current weights (no backward).
+
+        Returns loss1, the loss at θ+εd (what the published code logs as training loss).
+        """
+        if closure is None:
+            raise ValueError(f"{type(self).__name__}.step needs a closure that returns the loss")
+        with torch.no_grad():
+            self._perturb(self.eps)
+            loss1 = closure()
+            self._perturb(-2 * self.eps)
+            loss2 = closure()
+            self._perturb(self.eps)
+            self.last_losses = (float(loss1), float(loss2))
+            self.projected_grad = (self.last_losses[0] - self.last_losses[1]) / (2 * self.eps)
+            if math.isfinite(self.projected_grad):  # a NaN/inf loss must not poison the weights
+                self._update(self.projected_grad)
+        self.step_count += 1
+        return loss1
+
+    # -- hooks ------------------------------------------------------------------------------
+
+    def _factors(self, index: int, p: Tensor) -> Factors:
+        """This step's direction factors of tensor ``index``; a pure function of the keys."""
+        raise NotImplementedError
+
+    def _update_direction(self, index: int, p: Tensor, g: float) -> Factors:
+        """Step direction D of the update (plain ZO-SGD: g·d); may update per-param state."""
+        a, b = self._factors(index, p)
+        return a.mul_(g), b
+
+    def _perturb(self, scale: float) -> None:
+        """θ += scale·d for every tensor (override to perturb on a side path instead)."""
+        for i, _, p in self._indexed_params():
+            self._add_direction(p, *self._factors(i, p), scale)
+
+    def _update(self, g: float) -> None:
+        """θ ← θ − lr·(D + wd·θ) with each param group's lr and weight decay."""
+        for i, group, p in self._indexed_params():
+            a, b = self._update_direction(i, p, g)
+            if group["weight_decay"]:
+                p.mul_(1 - group["lr"] * group["weight_decay"])
+            self._add_direction(p, a, b, -group["lr"])
+
+    # -- helpers ----------------------------------------------------------------------------
+
+    @staticmethod
+    def _add_direction(p: Tensor, a: Tensor, b: Tensor | None, alpha: float) -> None:
+        """p += alpha·d in place; a low-rank d = a·bᵀ is not materialised for contiguous p."""
+        if b is None:
+            p.add_(a, alpha=alpha)
+        elif p.is_contiguous():
+            p.view(a.size(0), -1).addmm_(a, b.T, alpha=alpha)
+        else:
+            p.add_((a @ b.T).view(p.shape), alpha=alpha)
+
+    def _indexed_params(self) -> Iterator[tuple[int, dict[str, Any], Tensor]]:
+        i = 0
+        for group in self.param_groups:
+            for p in group["params"]:
+                yield i, group, p
+                i += 1
+
+    def _randn(
+        self, p: Tensor, shape: Iterable[int], index: int, kind: str, step: int | None = None
+    ) -> Tensor:
+        """N(0, 1) draw in p's dtype and device, keyed by (seed, step, index, kind).
+
+        One generator per device is re-seeded per draw: the same as a fresh per-tensor
+        generator, without allocating one each time.
+        """
+        gen = self._generators.get(p.device)
+        if gen is None:
+            gen = self._generators[p.device] = torch.Generator(p.device)
+        gen.manual_seed(draw_key(self.seed, self.step_count if step is None else step, index, kind))
+        return torch.randn(tuple(shape), generator=gen, dtype=p.dtype, device=p.device)
+
+    # -- exact resume -----------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        state = super().state_dict()
+        state["zo"] = {"step": self.step_count, "seed": self.seed}
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        state_dict = dict(state_dict)
+        zo = state_dict.pop("zo")
+        super().load_state_dict(state_dict)
+        self.step_count, self.seed = zo["step"], zo["seed"]
+
+
+class MeZO(ZeroOrderOptimizer):
+    """ZO-SGD with a full Gaussian direction z per tensor (Malladi et al., 2023)."""
+
+    def _factors(self, index: int, p: Tensor) -> Factors:
+        return self._randn(p, p.shape, index, "z"), None

@@ -1,0 +1,283 @@
+"""The one training loop for every method and model family.
+
+`run` checks the config and reads the data (the cheap steps that can fail) before it loads a
+model, then trains with `optimizer.step(closure)` — a zeroth-order optimizer evaluates the
+closure at two perturbed points, AdamW runs it with backprop — evaluates on dev every
+`trainer.eval_steps` keeping the best dev state, and tests with that state.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from lozo_exp.adapter import Adapter, adapter_class, load_task
+from lozo_exp.config import ConfigError, RunConfig, validate
+from lozo_exp.data import Row, Splits
+from lozo_exp.methods import build_optimizer, make_closure, prepare_model
+from lozo_exp.models import load_model, load_tokenizer
+from lozo_exp.optim import ZeroOrderOptimizer
+from lozo_exp.tracking import MetricsLog, Progress, peak_memory_mb, require_wandb
+
+log = logging.getLogger(__name__)
+
+
+class TrainingDiverged(RuntimeError):
+    """A non-finite loss: the run stops, keeping what it logged."""
+
+
+@dataclass
+class RunState:
+    """Everything a run needs to continue exactly: parameters, optimizer state, step, data
+    position and best-dev bookkeeping. ZO random draws are keyed by (seed, step), and the data
+    order by (seed, epoch), so no generator state beyond torch's (dropout) is needed."""
+
+    model: nn.Module
+    optimizer: torch.optim.Optimizer | None
+    seed: int
+    step: int = 0
+    epoch: int = 0
+    position: int = 0  # rows of the current epoch already consumed
+    best_metric: float | None = None
+    best_step: int | None = None
+    best_dev: dict[str, float] | None = None
+    best_params: dict[str, torch.Tensor] | None = None
+
+    def trainable(self) -> dict[str, torch.Tensor]:
+        return {n: p for n, p in self.model.named_parameters() if p.requires_grad}
+
+    def next_batch(self, rows: list[Row], batch_size: int) -> list[Row]:
+        """The next rows of a seeded per-epoch shuffle (the last batch of an epoch may be short)."""
+        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        order = torch.randperm(len(rows), generator=gen)[self.position : self.position + batch_size]
+        self.position += len(order)
+        if self.position >= len(rows):
+            self.epoch, self.position = self.epoch + 1, 0
+        return [rows[i] for i in order.tolist()]
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "params": {n: p.detach().clone() for n, p in self.trainable().items()},
+            "optimizer": self.optimizer.state_dict() if self.optimizer else None,
+            "torch_rng": torch.get_rng_state(),
+            **{
+                k: getattr(self, k)
+                for k in (
+                    "step",
+                    "epoch",
+                    "position",
+                    "best_metric",
+                    "best_step",
+                    "best_dev",
+                    "best_params",
+                )
+            },
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        with torch.no_grad():
+            for name, p in self.trainable().items():
+                p.copy_(state["params"][name])
+        if self.optimizer is not None:
+            self.optimizer.load_state_dict(state["optimizer"])
+        torch.set_rng_state(state["torch_rng"])
+        for k in (
+            "step",
+            "epoch",
+            "position",
+            "best_metric",
+            "best_step",
+            "best_dev",
+            "best_params",
+        ):
+            setattr(self, k, state[k])
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def _check_output_dir(out_dir: Path) -> None:
+    taken = [f for f in ("metrics.jsonl", "results.json") if (out_dir / f).exists()]
+    if taken:
+        raise ConfigError(
+            f"output directory {out_dir} already holds a run ({', '.join(taken)}); "
+            f"a run never overwrites another: choose a new hydra.run.dir"
+        )
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class Runner:
+    """Holds what one run shares across its phases: config, adapter, splits, state, logs."""
+
+    def __init__(self, cfg: RunConfig, out_dir: Path):
+        validate(cfg)
+        require_wandb(cfg.logger)
+        _check_output_dir(out_dir)
+        self.cfg, self.out_dir = cfg, out_dir
+        family = cfg.model.family
+        task = load_task(family, cfg.task.name)
+        adapter_cls: type[Adapter] = adapter_class(family)
+        self.splits: Splits = adapter_cls.build_splits(task, cfg.task)
+        log.info(
+            "data: %d train, %d dev, %s test",
+            len(self.splits.train),
+            len(self.splits.dev),
+            ", ".join(f"{len(v)} {k}" for k, v in self.splits.test.items()),
+        )
+        tokenizer = load_tokenizer(cfg.model)
+        adapter_cls.check(task, tokenizer)
+        # Everything expensive starts here.
+        torch.manual_seed(cfg.seed)
+        self.device = _device(cfg.trainer.device)
+        model = load_model(cfg.model, tokenizer).to(self.device)
+        model = prepare_model(model, cfg.method, cfg.model)
+        self.adapter = adapter_cls(model, tokenizer, task, cfg.model)
+        self.state = RunState(model, build_optimizer(model, cfg.method, cfg.seed), cfg.seed)
+        n_train = sum(p.numel() for p in self.state.trainable().values())
+        log.info("method %s: %.2fM trainable parameters", cfg.method.name, n_train / 1e6)
+        self.peak_mem_mb = 0.0
+
+    def _memory(self) -> float:
+        peak = peak_memory_mb(self.device)
+        self.peak_mem_mb = max(self.peak_mem_mb, peak)
+        return peak
+
+    def train(self, metrics: MetricsLog) -> None:
+        state, tr = self.state, self.cfg.trainer
+        optimizer = state.optimizer
+        progress = Progress(tr.max_steps, tr.progress_every_s, state.step)
+        losses: list[float] = []
+        times: list[float] = []
+        self._memory()
+        while state.step < tr.max_steps:
+            batch = self.adapter.collate(
+                state.next_batch(self.splits.train, self.cfg.method.batch_size)
+            )
+            start = time.perf_counter()
+            loss = float(optimizer.step(make_closure(optimizer, self.adapter, batch)))
+            _sync(self.device)
+            times.append(time.perf_counter() - start)
+            losses.append(loss)
+            state.step += 1
+            grad = optimizer.projected_grad if isinstance(optimizer, ZeroOrderOptimizer) else None
+            if state.step % tr.log_steps == 0 or not math.isfinite(loss):
+                record = {
+                    "step": state.step,
+                    "loss": sum(losses) / len(losses),
+                    "lr": optimizer.param_groups[0]["lr"],
+                    "step_time_s": sum(times) / len(times),
+                    "mem_peak_mb": self._memory(),
+                }
+                if grad is not None:
+                    record["projected_grad"] = grad
+                metrics.write(record)
+                losses, times = [], []
+            if not math.isfinite(loss):
+                raise TrainingDiverged(
+                    f"the training loss became {loss} at step {state.step} (method "
+                    f"{self.cfg.method.name}, lr {self.cfg.method.lr}, model.dtype "
+                    f"{self.cfg.model.dtype}); the run stopped. Try a smaller method.lr or "
+                    f"model.dtype=float32/bfloat16. Logged steps are in metrics.jsonl."
+                )
+            progress.update(state.step, loss)
+            if state.step % tr.eval_steps == 0 or state.step == tr.max_steps:
+                self.evaluate_dev(metrics)
+
+    def evaluate_dev(self, metrics: MetricsLog) -> dict[str, float]:
+        state, metric = self.state, self.adapter.task.metric
+        start = time.perf_counter()
+        scores = self.adapter.evaluate(self.splits.dev, self.cfg.trainer.eval_batch_size)
+        metrics.write(
+            {
+                "step": state.step,
+                "split": "dev",
+                **scores,
+                "eval_time_s": time.perf_counter() - start,
+            }
+        )
+        log.info("step %d dev %s", state.step, _fmt(scores))
+        if state.best_metric is None or scores[metric] > state.best_metric:
+            state.best_metric, state.best_step, state.best_dev = scores[metric], state.step, scores
+            if state.optimizer is not None:
+                state.best_params = {
+                    n: p.detach().to("cpu", copy=True) for n, p in state.trainable().items()
+                }
+        return scores
+
+    def test(self) -> dict[str, dict[str, float]]:
+        """Test sets, evaluated with the best dev state."""
+        state = self.state
+        if state.best_params is not None:
+            with torch.no_grad():
+                for name, p in state.trainable().items():
+                    p.copy_(state.best_params[name])
+        return {
+            name: self.adapter.evaluate(rows, self.cfg.trainer.eval_batch_size)
+            for name, rows in self.splits.test.items()
+        }
+
+    def run(self) -> dict[str, Any]:
+        cfg = self.cfg
+        start = time.perf_counter()
+        metrics = MetricsLog(self.out_dir, cfg.logger, self.out_dir.name, asdict(cfg))
+        results: dict[str, Any] = {
+            "model": cfg.model.name,
+            "task": cfg.task.name,
+            "method": cfg.method.name,
+            "metric": self.adapter.task.metric,
+            "seed": cfg.seed,
+        }
+        try:
+            if self.state.optimizer is None:
+                self.evaluate_dev(metrics)
+            else:
+                self.train(metrics)
+            tests = self.test()
+            first = next(iter(tests.values()), {})
+            results.update(status="completed", dev=self.state.best_dev, test=first, test_sets=tests)
+            log.info("test %s", _fmt(first))
+            return results
+        except TrainingDiverged as err:
+            results.update(status="diverged", error=str(err))
+            raise
+        finally:
+            results.update(
+                steps=self.state.step,
+                best_step=self.state.best_step,
+                wall_time_s=time.perf_counter() - start,
+                peak_mem_mb=max(self.peak_mem_mb, self._memory()),
+            )
+            metrics.write(
+                {
+                    "step": self.state.step,
+                    "split": "final",
+                    **{k: results.get(k) for k in ("status", "peak_mem_mb")},
+                }
+            )
+            metrics.close()
+            (self.out_dir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+
+
+def _fmt(scores: dict[str, float]) -> str:
+    return " ".join(f"{k}={v:.4f}" for k, v in scores.items())
+
+
+def run(cfg: RunConfig, out_dir: Path) -> dict[str, Any]:
+    """Train (unless the method is evaluation-only), test, and write results.json."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    return Runner(cfg, out_dir).run()

@@ -1,0 +1,1 @@
+"""RoBERTa-style masked language models: LM-BFF prompt-based fine-tuning."""

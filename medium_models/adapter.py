@@ -1,0 +1,87 @@
+"""Masked-LM adapter (RoBERTa): the label is read from the MLM head at the <mask> position.
+
+Only the hidden state at <mask> goes through the LM head (as LM-BFF does), and the logits are
+restricted to the label words; the loss is cross-entropy over them.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from lozo_exp.adapter import Adapter, Batch
+from lozo_exp.config import ModelConfig, TaskConfig
+from lozo_exp.data import Row, Splits, load_rows, sample_kshot
+from medium_models.tasks.base import PromptTask
+from medium_models.template import encode_template, label_word_ids
+
+
+class MaskedLMAdapter(Adapter):
+    family = "masked"
+    task: PromptTask
+
+    def __init__(self, model, tokenizer, task: PromptTask, model_cfg: ModelConfig):
+        super().__init__(model, tokenizer, task, model_cfg)
+        self.max_length = min(model_cfg.max_length, task.max_length)
+        words = label_word_ids(task.label_words, tokenizer)
+        self.labels = list(words)  # label value -> class index by position
+        self.word_ids = torch.tensor(list(words.values()))
+        net = model.get_base_model() if hasattr(model, "get_base_model") else model
+        self.encoder = getattr(net, net.base_model_prefix)
+        self.lm_head = net.lm_head
+
+    @staticmethod
+    def build_splits(task: PromptTask, cfg: TaskConfig) -> Splits:
+        return sample_kshot(
+            cfg, load_rows(cfg, "train"), {"test": load_rows(cfg, "validation")}, task.label
+        )
+
+    def collate(self, rows: list[Row]) -> Batch:
+        t = self.task
+        seqs = [
+            encode_template(
+                t.template,
+                t.sentences(r),
+                self.tokenizer,
+                self.max_length,
+                t.first_sent_limit,
+                t.other_sent_limit,
+            )
+            for r in rows
+        ]
+        width = max(map(len, seqs))
+        input_ids = torch.full((len(seqs), width), self.tokenizer.pad_token_id)
+        attention_mask = torch.zeros((len(seqs), width), dtype=torch.long)
+        for i, ids in enumerate(seqs):
+            input_ids[i, : len(ids)] = torch.tensor(ids)
+            attention_mask[i, : len(ids)] = 1
+        mask_pos = (input_ids == self.tokenizer.mask_token_id).int().argmax(-1)
+        labels = torch.tensor([self.labels.index(t.label(r)) for r in rows])
+        return {
+            k: v.to(self.device)
+            for k, v in dict(
+                input_ids=input_ids, attention_mask=attention_mask, mask_pos=mask_pos, labels=labels
+            ).items()
+        }
+
+    def _label_logits(self, batch: Batch) -> torch.Tensor:
+        hidden = self.encoder(
+            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
+        ).last_hidden_state
+        at_mask = hidden[torch.arange(hidden.shape[0], device=hidden.device), batch["mask_pos"]]
+        return self.lm_head(at_mask)[:, self.word_ids.to(hidden.device)].float()
+
+    def loss(self, batch: Batch) -> torch.Tensor:
+        return F.cross_entropy(self._label_logits(batch), batch["labels"])
+
+    @classmethod
+    def check(cls, task: PromptTask, tokenizer) -> None:
+        label_word_ids(task.label_words, tokenizer)
+
+    def score_batch(self, rows: list[Row]) -> list[dict[str, float]]:
+        batch = self.collate(rows)
+        hits = self._label_logits(batch).argmax(-1) == batch["labels"]
+        return [{"accuracy": float(h)} for h in hits.tolist()]
+
+
+ADAPTER = MaskedLMAdapter
