@@ -51,7 +51,7 @@ class Adapter(ABC):
         """Per-row metric values (e.g. `{"accuracy": 1.0}`) at the current parameters."""
 
     @classmethod
-    def check(cls, task: Any, tokenizer) -> None:  # noqa: B027 (optional hook)
+    def check(cls, task: Any, tokenizer) -> None:
         """Reject a task the tokenizer cannot serve, before the model is loaded."""
 
     @torch.inference_mode()

@@ -11,10 +11,33 @@ from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-LABEL_WORDS = (
-    "terrible great bad okay good Yes No Maybe Description Entity Expression Human Location "
-    "Number It was so because Question Answer Title Context Passage true correct"
-).split()  # noqa: SIM905
+LABEL_WORDS = [
+    "terrible",
+    "great",
+    "bad",
+    "okay",
+    "good",
+    "Yes",
+    "No",
+    "Maybe",
+    "Description",
+    "Entity",
+    "Expression",
+    "Human",
+    "Location",
+    "Number",
+    "It",
+    "was",
+    "so",
+    "because",
+    "Question",
+    "Answer",
+    "Title",
+    "Context",
+    "Passage",
+    "true",
+    "correct",
+]
 
 
 def corpus() -> list[str]:
