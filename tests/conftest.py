@@ -1,0 +1,42 @@
+"""Shared test helpers: compose the real Hydra config and run it in-process, offline."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("WANDB_MODE", "offline")
+
+import pytest  # noqa: E402
+from hydra import compose, initialize_config_dir  # noqa: E402
+from omegaconf import OmegaConf  # noqa: E402
+
+from lozo_exp.config import RunConfig, register_configs  # noqa: E402
+from lozo_exp.runner import run  # noqa: E402
+
+CONF = Path(__file__).resolve().parents[1] / "conf"
+register_configs()
+
+
+def compose_config(*overrides: str) -> RunConfig:
+    """The typed config `python -m lozo_exp <overrides>` would run."""
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return OmegaConf.to_object(compose(config_name="config", overrides=list(overrides)))
+
+
+def run_overrides(out_dir: Path, *overrides: str) -> dict:
+    """Run in-process into `out_dir` and return results.json as written."""
+    run(compose_config(*overrides), out_dir)
+    return json.loads((out_dir / "results.json").read_text())
+
+
+def read_metrics(out_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture
+def run_dir(tmp_path: Path) -> Path:
+    return tmp_path / "run"
