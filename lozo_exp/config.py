@@ -17,6 +17,7 @@ from omegaconf import MISSING
 FAMILIES = ("causal", "masked")
 DTYPES = ("float32", "float16", "bfloat16", "float64")
 ZO_METHODS = ("mezo", "mezo-lora", "lozo", "lozo-m")
+ENGINES = ("fast", "plain")
 TRAIN_METHODS = (*ZO_METHODS, "ft", "ft-lora")
 EVAL_METHODS = ("zero-shot",)
 METHODS = (*TRAIN_METHODS, *EVAL_METHODS)
@@ -75,6 +76,9 @@ class MethodConfig:
     lora_r: int = 8
     lora_alpha: int = 16
     batch_size: int = 16
+    # ZO step engine: "fast" (side path / fused passes, lozo_exp.optim.engine) or "plain"
+    # (in-place reference path); both compute the same losses and updates.
+    engine: str = "fast"
 
 
 @dataclass
@@ -125,6 +129,7 @@ def validate(cfg: RunConfig) -> None:
         (m.rank >= 1, f"method.rank={m.rank} must be a positive integer"),
         (m.interval >= 1, f"method.interval={m.interval} must be a positive integer"),
         (0 <= m.beta < 1, f"method.beta={m.beta} must lie in [0, 1)"),
+        (m.engine in ENGINES, f"method.engine={m.engine!r} is not one of {_choices(ENGINES)}"),
         (m.batch_size >= 1, f"method.batch_size={m.batch_size} must be a positive integer"),
         (m.lora_r >= 1, f"method.lora_r={m.lora_r} must be a positive integer"),
         (

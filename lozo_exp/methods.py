@@ -11,7 +11,14 @@ from torch import nn
 
 from lozo_exp.adapter import Adapter, Batch
 from lozo_exp.config import ZO_METHODS, MethodConfig, ModelConfig
-from lozo_exp.optim import LOZO, LOZOM, MeZO, ZeroOrderOptimizer, default_param_groups
+from lozo_exp.optim import (
+    LOZO,
+    LOZOM,
+    FastEngine,
+    MeZO,
+    ZeroOrderOptimizer,
+    default_param_groups,
+)
 
 
 def uses_lora(method: MethodConfig) -> bool:
@@ -48,10 +55,14 @@ def build_optimizer(
         return torch.optim.AdamW(groups, lr=method.lr)
     common = dict(lr=method.lr, eps=method.eps, weight_decay=method.weight_decay, seed=seed)
     if method.name == "lozo":
-        return LOZO(groups, rank=method.rank, interval=method.interval, **common)
-    if method.name == "lozo-m":
-        return LOZOM(groups, rank=method.rank, interval=method.interval, beta=method.beta, **common)
-    return MeZO(groups, **common)
+        opt = LOZO(groups, rank=method.rank, interval=method.interval, **common)
+    elif method.name == "lozo-m":
+        opt = LOZOM(groups, rank=method.rank, interval=method.interval, beta=method.beta, **common)
+    else:
+        opt = MeZO(groups, **common)
+    if method.engine == "fast":
+        FastEngine(opt, model)
+    return opt
 
 
 def make_closure(

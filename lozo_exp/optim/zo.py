@@ -18,6 +18,8 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
+from lozo_exp.optim import philox
+
 Factors = tuple[Tensor, Tensor | None]
 """Direction of one tensor: (z, None) means d = z; (U, V) means d = U·Vᵀ on its m×n view."""
 
@@ -91,6 +93,10 @@ class ZeroOrderOptimizer(Optimizer):
         self.projected_grad: float | None = None
         self.last_losses: tuple[float, float] | None = None
         self._generators: dict[torch.device, torch.Generator] = {}
+        # This step's drawn factors, kept by an engine that reuses them (None: draw on demand).
+        self._draws: dict[int, Factors] | None = None
+        # Set by `lozo_exp.optim.engine.FastEngine(optimizer, model)`; None: the plain path.
+        self.engine: Any = None
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         group = {**self.defaults, **param_group}
@@ -106,17 +112,29 @@ class ZeroOrderOptimizer(Optimizer):
         if closure is None:
             raise ValueError(f"{type(self).__name__}.step needs a closure that returns the loss")
         with torch.no_grad():
-            self._perturb(self.eps)
-            loss1 = closure()
-            self._perturb(-2 * self.eps)
-            loss2 = closure()
-            self._perturb(self.eps)
-            self.last_losses = (float(loss1), float(loss2))
-            self.projected_grad = (self.last_losses[0] - self.last_losses[1]) / (2 * self.eps)
-            if math.isfinite(self.projected_grad):  # a NaN/inf loss must not poison the weights
-                self._update(self.projected_grad)
+            run = self._plain_step if self.engine is None else self.engine.step
+            loss1 = run(closure)
         self.step_count += 1
         return loss1
+
+    def _plain_step(self, closure: Callable[[], Tensor | float]) -> Tensor | float:
+        """The reference path: perturb, evaluate, perturb, evaluate, restore, update, in place."""
+        self._perturb(self.eps)
+        loss1 = closure()
+        self._perturb(-2 * self.eps)
+        loss2 = closure()
+        self._perturb(self.eps)
+        g = self._slope(loss1, loss2)
+        if g is not None:
+            self._update(g)
+        return loss1
+
+    def _slope(self, loss1: Tensor | float, loss2: Tensor | float) -> float | None:
+        """Record the losses and g = (loss1 − loss2) / 2ε; None when g is not finite (a NaN or
+        inf loss must not poison the weights)."""
+        self.last_losses = (float(loss1), float(loss2))
+        self.projected_grad = (self.last_losses[0] - self.last_losses[1]) / (2 * self.eps)
+        return self.projected_grad if math.isfinite(self.projected_grad) else None
 
     # -- hooks ------------------------------------------------------------------------------
 
@@ -125,14 +143,17 @@ class ZeroOrderOptimizer(Optimizer):
         raise NotImplementedError
 
     def _update_direction(self, index: int, p: Tensor, g: float) -> Factors:
-        """Step direction D of the update (plain ZO-SGD: g·d); may update per-param state."""
-        a, b = self._factors(index, p)
+        """Step direction D of the update (plain ZO-SGD: g·d); may update per-param state.
+
+        May scale the drawn factors in place: the update is their last use in a step.
+        """
+        a, b = self._direction(index, p)
         return a.mul_(g), b
 
     def _perturb(self, scale: float) -> None:
         """θ += scale·d for every tensor (override to perturb on a side path instead)."""
         for i, _, p in self._indexed_params():
-            self._add_direction(p, *self._factors(i, p), scale)
+            self._add_direction(p, *self._direction(i, p), scale)
 
     def _update(self, g: float) -> None:
         """θ ← θ − lr·(D + wd·θ) with each param group's lr and weight decay."""
@@ -144,15 +165,28 @@ class ZeroOrderOptimizer(Optimizer):
 
     # -- helpers ----------------------------------------------------------------------------
 
+    def _direction(self, index: int, p: Tensor) -> Factors:
+        """This step's factors of tensor ``index``: the engine's kept draw, or a fresh one."""
+        if self._draws is None:
+            return self._factors(index, p)
+        if index not in self._draws:
+            self._draws[index] = self._factors(index, p)
+        return self._draws[index]
+
     @staticmethod
-    def _add_direction(p: Tensor, a: Tensor, b: Tensor | None, alpha: float) -> None:
-        """p += alpha·d in place; a low-rank d = a·bᵀ is not materialised for contiguous p."""
+    def _add_direction(
+        p: Tensor, a: Tensor, b: Tensor | None, alpha: float, beta: float = 1.0
+    ) -> None:
+        """p ← beta·p + alpha·d in one in-place pass; a low-rank d = a·bᵀ is not materialised
+        for contiguous p."""
         if b is None:
+            if beta != 1.0:
+                p.mul_(beta)
             p.add_(a, alpha=alpha)
         elif p.is_contiguous():
-            p.view(a.size(0), -1).addmm_(a, b.T, alpha=alpha)
+            p.view(a.size(0), -1).addmm_(a, b.T, beta=beta, alpha=alpha)
         else:
-            p.add_((a @ b.T).view(p.shape), alpha=alpha)
+            p.mul_(beta).add_((a @ b.T).view(p.shape), alpha=alpha)
 
     def _indexed_params(self) -> Iterator[tuple[int, dict[str, Any], Tensor]]:
         i = 0
@@ -166,14 +200,21 @@ class ZeroOrderOptimizer(Optimizer):
     ) -> Tensor:
         """N(0, 1) draw in p's dtype and device, keyed by (seed, step, index, kind).
 
-        One generator per device is re-seeded per draw: the same as a fresh per-tensor
-        generator, without allocating one each time.
+        On CUDA with Triton the draw is Triton's Philox (so a fused pass can regenerate it);
+        elsewhere one generator per device is re-seeded per draw: the same as a fresh
+        per-tensor generator, without allocating one each time.
         """
+        key = self._key(index, kind, step)
+        if philox.available(p.device):
+            return philox.normal(tuple(shape), key, p.dtype, p.device)
         gen = self._generators.get(p.device)
         if gen is None:
             gen = self._generators[p.device] = torch.Generator(p.device)
-        gen.manual_seed(draw_key(self.seed, self.step_count if step is None else step, index, kind))
+        gen.manual_seed(key)
         return torch.randn(tuple(shape), generator=gen, dtype=p.dtype, device=p.device)
+
+    def _key(self, index: int, kind: str, step: int | None = None) -> int:
+        return draw_key(self.seed, self.step_count if step is None else step, index, kind)
 
     # -- exact resume -----------------------------------------------------------------------
 
