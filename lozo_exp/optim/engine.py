@@ -22,6 +22,7 @@ from collections.abc import Callable
 from contextlib import contextmanager
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
@@ -88,6 +89,9 @@ class FastEngine:
                 type(optimizer).__name__,
                 n_params,
             )
+        # LOZO's 1-D tensors (biases, LayerNorms: hundreds of tiny tensors) move with
+        # multi-tensor ops: a few launches per pass instead of one per tensor.
+        self.small = {i for i, _, p in optimizer._indexed_params() if low_rank and p.dim() < 2}
         self.scale = 0.0
         optimizer.engine = self
 
@@ -113,14 +117,20 @@ class FastEngine:
             opt._draws = None
         return loss1
 
-    def _in_place(self):
-        for i, group, p in self.opt._indexed_params():
-            if i not in self.side:
-                yield i, group, p
+    def _small(self) -> tuple[list[Tensor], list[Tensor], list[tuple[int, dict, Tensor]]]:
+        """The 1-D tensors moved with multi-tensor ops, their kept draws z, and their entries."""
+        entries = [(i, g, p) for i, g, p in self.opt._indexed_params() if i in self.small]
+        zs = [self.opt._direction(i, p)[0] for i, _, p in entries]
+        return [p for _, _, p in entries], zs, entries
 
     def _perturb_in_place(self, scale: float) -> None:
         opt = self.opt
-        for i, _, p in self._in_place():
+        ps, zs, _ = self._small()
+        if ps:
+            torch._foreach_add_(ps, zs, alpha=scale)
+        for i, _, p in opt._indexed_params():
+            if i in self.side or i in self.small:
+                continue
             if self._fused(p):
                 philox.axpbz_(p, opt._key(i, "z"), 1.0, scale)
             else:
@@ -133,9 +143,12 @@ class FastEngine:
         """One pass per tensor: in-place ones go θ−εd → β·θ + β·ε·d − lr·D, side-path ones
         θ → β·θ − lr·D (they were never moved)."""
         opt, eps = self.opt, self.opt.eps
+        self._restore_and_update_small(g)
         for i, group, p in opt._indexed_params():
             beta = 1.0 - group["lr"] * group["weight_decay"] if g is not None else 1.0
             lr = group["lr"]
+            if i in self.small:
+                continue
             if i in self.side:
                 if g is not None:
                     opt._add_direction(p, *opt._update_direction(i, p, g), -lr, beta)
@@ -151,6 +164,25 @@ class FastEngine:
                 restore = a * (beta * eps)  # before _update_direction may scale a in place
                 da, _ = opt._update_direction(i, p, g)  # same V as the perturbation
                 opt._add_direction(p, restore.add_(da, alpha=-lr), b, 1.0, beta)
+
+    def _restore_and_update_small(self, g: float | None) -> None:
+        """The plain path's restore and update, as multi-tensor ops over the 1-D tensors."""
+        ps, zs, entries = self._small()
+        if not ps:
+            return
+        torch._foreach_add_(ps, zs, alpha=self.opt.eps)
+        if g is None:
+            return
+        groups: dict[int, tuple[dict, list[Tensor], list[Tensor]]] = {}
+        for i, group, p in entries:
+            d, _ = self.opt._update_direction(i, p, g)
+            _, gp, gd = groups.setdefault(id(group), (group, [], []))
+            gp.append(p)
+            gd.append(d)
+        for group, gp, gd in groups.values():
+            if group["weight_decay"]:
+                torch._foreach_mul_(gp, 1 - group["lr"] * group["weight_decay"])
+            torch._foreach_add_(gp, gd, alpha=-group["lr"])
 
     # -- the side path ----------------------------------------------------------------------
 

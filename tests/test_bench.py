@@ -1,0 +1,52 @@
+"""The benchmark's CPU mode: small shapes, every step timed, the documented JSON fields."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from conftest import CONF
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+from lozo_exp.bench import STEPS, BenchRunConfig, run_bench
+
+
+def bench_config(*overrides: str) -> BenchRunConfig:
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return OmegaConf.to_object(compose(config_name="bench", overrides=list(overrides)))
+
+
+def test_cpu_bench_writes_the_documented_json(tmp_path, capsys):
+    out = tmp_path / "results" / "tiny.json"
+    cfg = bench_config(
+        "model=tiny-opt", "bench.shapes=[2x8]", "bench.warmup=0", "bench.repeats=1",
+        "bench.device=cpu", f"bench.out={out}",
+    )  # fmt: skip
+    report = run_bench(cfg, tmp_path / "run")
+    assert json.loads(out.read_text()) == json.loads((tmp_path / "run" / "bench.json").read_text())
+    assert report["model"] == "tiny-opt" and report["params"] > 0
+    assert {"device", "torch", "transformers", "triton"} <= report["env"].keys()
+    assert report["command"].startswith("python -m lozo_exp.bench")
+    (shape,) = report["shapes"]
+    assert (shape["batch"], shape["seq_len"]) == (2, 8)
+    assert list(shape["timings"]) == list(STEPS)
+    for t in shape["timings"].values():
+        assert 0 < t["min_ms"] <= t["median_ms"] <= t["max_ms"]
+    assert set(shape["floor_ms"]) == {"lozo", "mezo"}
+    fwd = shape["timings"]["fwd"]["median_ms"]
+    floor = shape["floor_ms"]["lozo"]
+    assert floor == pytest.approx(2 * fwd + shape["timings"]["update_pass"]["median_ms"])
+    ratio = shape["ratios"]["fast_lozo"]
+    assert ratio["to_floor"] == pytest.approx(shape["timings"]["fast_lozo"]["median_ms"] / floor)
+    assert ratio["to_ref"] > 0
+    assert "fast_lozo" in capsys.readouterr().out  # the printed table
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [("bench.shapes=[32by64]", "BATCHxLENGTH"), ("bench.steps=[fwd,turbo]", "turbo")],
+)
+def test_bad_bench_settings_fail_before_the_model_is_built(tmp_path, override, message):
+    with pytest.raises(ValueError, match=message):
+        run_bench(bench_config("model=tiny-opt", override), tmp_path)
