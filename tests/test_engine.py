@@ -11,6 +11,8 @@ from conftest import compose_config
 from torch import nn
 from transformers import OPTConfig, OPTForCausalLM
 
+from lozo_exp.config import ConfigError, validate
+from lozo_exp.methods import build_optimizer
 from lozo_exp.models import load_model, load_tokenizer
 from lozo_exp.optim import LOZO, LOZOM, FastEngine, MeZO, ZeroOrderOptimizer, philox
 
@@ -149,9 +151,14 @@ def test_non_finite_loss_restores_and_skips_the_update(cls):
         torch.testing.assert_close(p, q, rtol=0, atol=1e-15)
 
 
-def test_runner_builds_the_engine_from_config():
-    assert compose_config("method=lozo").method.engine == "fast"
-    assert compose_config("method=lozo", "method.engine=plain").method.engine == "plain"
+def test_method_engine_selects_the_path_and_is_validated():
+    model = small_opt()
+    fast = build_optimizer(model, compose_config("method=lozo").method, seed=0)
+    assert isinstance(fast.engine, FastEngine)
+    plain = build_optimizer(model, compose_config("method=lozo", "method.engine=plain").method, 0)
+    assert plain.engine is None
+    with pytest.raises(ConfigError, match=r"method.engine='turbo' is not one of fast, plain"):
+        validate(compose_config("method.engine=turbo"))
 
 
 @pytest.mark.skipif(not philox.available(torch.device("cuda")), reason="needs CUDA and Triton")
