@@ -8,7 +8,9 @@ The plain step writes every weight four times (θ+εd, θ−εd, restore, update
   term. θ stays bit-identical through both evaluations and the step writes W once (the update).
 - Tensors the side path does not cover (1-D biases and LayerNorms, modules with a custom
   forward such as OPT's positional embedding, every tensor for MeZO) are perturbed in place,
-  and "restore" and "update" are folded into one pass: θ ← β·(θ−εd) + β·ε·d − lr·D, β = 1−lr·wd.
+  and "restore" and "update" are folded into one pass: θ−εd → β·θ + β·ε·d − lr·D, β = 1−lr·wd.
+  LOZO's many tiny 1-D tensors instead move with multi-tensor (`torch._foreach_*`) ops, where
+  launches, not bytes, are the cost.
 - MeZO on CUDA with Triton: each pass is one fused kernel that regenerates z from its
   counter-based key while it reads and writes the weight (`philox.axpbz_`): three passes that
   each touch every weight once, with no z in memory.
