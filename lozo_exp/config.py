@@ -41,6 +41,15 @@ class ModelConfig:
 
 
 @dataclass
+class DataFiles:
+    """Local files with the hub dataset's columns (parquet, json/jsonl or csv), per split."""
+
+    train: str | None = None
+    validation: str | None = None
+    test: str | None = None
+
+
+@dataclass
 class TaskConfig:
     name: str = MISSING
     source: str = "hub"  # "hub" or "sample" (the small bundled sample)
@@ -50,8 +59,7 @@ class TaskConfig:
     splits: dict[str, str] = field(
         default_factory=lambda: {"train": "train", "validation": "validation"}
     )
-    # Local files with the hub dataset's columns (parquet, json/jsonl or csv); override `source`.
-    data_files: dict[str, str] = field(default_factory=dict)
+    data_files: DataFiles = field(default_factory=DataFiles)  # a given split overrides `source`
     # Causal-LM protocol (MeZO/LOZO OPT experiments): sampled train/dev/eval sets.
     num_train: int = 1000
     num_dev: int = 500
@@ -143,10 +151,8 @@ def validate(cfg: RunConfig) -> None:
         (mo.max_length >= 8, f"model.max_length={mo.max_length} is too small (>= 8)"),
     ]
     bad = [msg for ok, msg in checks if not ok]
-    for split, path in t.data_files.items():
-        if split not in ("train", "validation", "test"):
-            bad.append(f"task.data_files.{split} is not a split (train, validation, test)")
-        elif not Path(path).expanduser().is_file():
+    for split, path in vars(t.data_files).items():
+        if path is not None and not Path(path).expanduser().is_file():
             bad.append(f"task.data_files.{split}={path!r} does not exist")
     if bad:
         raise ConfigError("Invalid configuration: " + "; ".join(bad) + ".")

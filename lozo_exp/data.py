@@ -48,8 +48,9 @@ def sample_path(task: str, split: str) -> Path:
 
 def load_rows(cfg: TaskConfig, split: str) -> list[Row]:
     """One split (train, validation or test) of a task, with the hub dataset's columns."""
-    if split in cfg.data_files:
-        return _read_file(Path(cfg.data_files[split]).expanduser())
+    local = getattr(cfg.data_files, split)
+    if local is not None:
+        return _read_file(Path(local).expanduser())
     if cfg.source == "sample":
         path = sample_path(cfg.name, split)
         if not path.is_file():

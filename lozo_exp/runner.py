@@ -169,7 +169,7 @@ class Runner:
                 state.next_batch(self.splits.train, self.cfg.method.batch_size)
             )
             start = time.perf_counter()
-            loss = float(optimizer.step(make_closure(optimizer, self.adapter, batch)))
+            loss = float(optimizer.step(make_closure(optimizer, self.adapter, batch)).detach())
             _sync(self.device)
             times.append(time.perf_counter() - start)
             losses.append(loss)
