@@ -125,6 +125,7 @@ class Runner:
     """Holds what one run shares across its phases: config, adapter, splits, state, logs."""
 
     def __init__(self, cfg: RunConfig, out_dir: Path):
+        self.start = time.perf_counter()
         validate(cfg)
         require_wandb(cfg.logger)
         _check_output_dir(out_dir)
@@ -233,7 +234,6 @@ class Runner:
 
     def run(self) -> dict[str, Any]:
         cfg = self.cfg
-        start = time.perf_counter()
         metrics = MetricsLog(self.out_dir, cfg.logger, self.out_dir.name, asdict(cfg))
         results: dict[str, Any] = {
             "model": cfg.model.name,
@@ -259,7 +259,7 @@ class Runner:
             results.update(
                 steps=self.state.step,
                 best_step=self.state.best_step,
-                wall_time_s=time.perf_counter() - start,
+                wall_time_s=time.perf_counter() - self.start,
                 peak_mem_mb=max(self.peak_mem_mb, self._memory()),
             )
             metrics.write(

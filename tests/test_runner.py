@@ -152,25 +152,25 @@ def test_a_run_never_overwrites_another(tmp_path):
         run_overrides(tmp_path, *FAST)
 
 
+def _write(df: pd.DataFrame, path) -> None:
+    if path.suffix == ".parquet":
+        df.to_parquet(path)
+    elif path.suffix == ".csv":
+        df.to_csv(path, index=False)
+    else:
+        df.to_json(path, orient="records", lines=True)
+
+
 def test_local_data_files_in_every_format(tmp_path):
-    rows = pd.read_json(sample_path("sst2", "train"), lines=True)
-    val = pd.read_json(sample_path("sst2", "validation"), lines=True)
+    splits = {s: pd.read_json(sample_path("sst2", s), lines=True) for s in ("train", "validation")}
     for fmt in ("parquet", "csv", "jsonl"):
-        files = {}
-        for split, df in (("train", rows), ("validation", val)):
-            path = tmp_path / f"{split}.{fmt}"
-            {
-                "parquet": df.to_parquet,
-                "csv": lambda p: df.to_csv(p, index=False),
-                "jsonl": lambda p: df.to_json(p, orient="records", lines=True),
-            }[fmt](path)
-            files[split] = path
-        out = tmp_path / fmt
+        for split, df in splits.items():
+            _write(df, tmp_path / f"{split}.{fmt}")
         results = run_overrides(
-            out,
+            tmp_path / fmt,
             "task.source=hub",
-            f"task.data_files.train={files['train']}",
-            f"task.data_files.validation={files['validation']}",
+            f"task.data_files.train={tmp_path / f'train.{fmt}'}",
+            f"task.data_files.validation={tmp_path / f'validation.{fmt}'}",
             *FAST,
         )
         assert results["status"] == "completed"
@@ -181,9 +181,9 @@ def test_bad_input_fails_before_any_model_is_loaded(tmp_path, monkeypatch):
         raise AssertionError("a model was loaded")
 
     monkeypatch.setattr(runner_module, "load_model", no_model)
-    with pytest.raises(DataUnavailable, match="task.data_files.train=/path/train.parquet"):
+    with pytest.raises(DataUnavailable, match=r"task\.data_files\.train=/path/train\.parquet"):
         Runner(compose_config("model=opt-13b", "method=lozo"), tmp_path / "a")  # hub offline
-    with pytest.raises(ConfigError, match="method.rank=0"):
+    with pytest.raises(ConfigError, match=r"method\.rank=0"):
         Runner(compose_config("method=lozo", "method.rank=0"), tmp_path / "b")
     with pytest.raises(ConfigError, match="does not exist"):
         Runner(compose_config("task.data_files.train=/no/such.csv"), tmp_path / "c")
