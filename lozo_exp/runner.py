@@ -63,23 +63,14 @@ class RunState:
             self.epoch, self.position = self.epoch + 1, 0
         return [rows[i] for i in order.tolist()]
 
+    _PROGRESS = ("step", "epoch", "position", "best_metric", "best_step", "best_dev", "best_params")
+
     def state_dict(self) -> dict[str, Any]:
         return {
             "params": {n: p.detach().clone() for n, p in self.trainable().items()},
             "optimizer": self.optimizer.state_dict() if self.optimizer else None,
             "torch_rng": torch.get_rng_state(),
-            **{
-                k: getattr(self, k)
-                for k in (
-                    "step",
-                    "epoch",
-                    "position",
-                    "best_metric",
-                    "best_step",
-                    "best_dev",
-                    "best_params",
-                )
-            },
+            **{k: getattr(self, k) for k in self._PROGRESS},
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -89,15 +80,7 @@ class RunState:
         if self.optimizer is not None:
             self.optimizer.load_state_dict(state["optimizer"])
         torch.set_rng_state(state["torch_rng"])
-        for k in (
-            "step",
-            "epoch",
-            "position",
-            "best_metric",
-            "best_step",
-            "best_dev",
-            "best_params",
-        ):
+        for k in self._PROGRESS:
             setattr(self, k, state[k])
 
 
