@@ -17,6 +17,7 @@ from torch import nn
 
 from lozo_exp.config import ConfigError, ModelConfig, TaskConfig
 from lozo_exp.data import Row, Splits
+from lozo_exp.tracking import Progress
 
 FAMILY_PACKAGES = {"causal": "large_models", "masked": "medium_models"}
 Batch = dict[str, Any]
@@ -59,11 +60,11 @@ class Adapter(ABC):
         """Mean metrics over rows (eval mode); include `self.task.metric`, the paper's number."""
         was_training = self.model.training
         self.model.eval()
-        scores = [
-            s
-            for i in range(0, len(rows), batch_size)
-            for s in self.score_batch(rows[i : i + batch_size])
-        ]
+        progress = Progress("evaluated", len(rows), every_s=30.0)
+        scores: list[dict[str, float]] = []
+        for start in range(0, len(rows), batch_size):
+            scores += self.score_batch(rows[start : start + batch_size])
+            progress.update(len(scores))
         self.model.train(was_training)
         return {k: sum(s[k] for s in scores) / len(scores) for k in scores[0]} if scores else {}
 

@@ -144,7 +144,7 @@ class Runner:
     def train(self, metrics: MetricsLog) -> None:
         state, tr = self.state, self.cfg.trainer
         optimizer = state.optimizer
-        progress = Progress(tr.max_steps, tr.progress_every_s, state.step)
+        progress = Progress("step", tr.max_steps, tr.progress_every_s, state.step)
         losses: list[float] = []
         times: list[float] = []
         self._memory()
@@ -178,7 +178,7 @@ class Runner:
                     f"{self.cfg.model.dtype}); the run stopped. Try a smaller method.lr or "
                     f"model.dtype=float32/bfloat16. Logged steps are in metrics.jsonl."
                 )
-            progress.update(state.step, loss)
+            progress.update(state.step, f"loss {loss:.4f}")
             if state.step % tr.eval_steps == 0 or state.step == tr.max_steps:
                 self.evaluate_dev(metrics)
 
