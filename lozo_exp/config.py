@@ -150,8 +150,9 @@ def validate(cfg: RunConfig) -> None:
     ]
     bad = [msg for ok, msg in checks if not ok]
     for split, path in t.data_files.items():
-        if split not in ("train", "validation", "test"):
-            bad.append(f"task.data_files.{split} is not a split (train, validation, test)")
+        known = sorted({"train", "validation", "test", *t.splits})
+        if split not in known:
+            bad.append(f"task.data_files.{split} is not a split ({', '.join(known)})")
         elif not Path(path).expanduser().is_file():
             bad.append(f"task.data_files.{split}={path!r} does not exist")
     if bad:

@@ -22,6 +22,8 @@ import csv
 import io
 import json
 import logging
+import shutil
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -149,10 +151,22 @@ def build_split(
 
 
 def write_split(files: dict[str, str], folder: Path, source: dict) -> None:
-    folder.mkdir(parents=True, exist_ok=True)
+    """Write the split's files and its source record. A new folder appears whole (written
+    aside, then renamed), so runs started together never read a half-written split."""
+    files = {**files, SOURCE_FILE: json.dumps(source, indent=2) + "\n"}
+    if folder.is_dir():  # rebuilt by the CLI, or a directory named by task.data_dir
+        for name, text in files.items():
+            (folder / name).write_text(text, encoding="utf-8")
+        return
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent))
+    staging.chmod(0o755)  # mkdtemp's folders are private
     for name, text in files.items():
-        (folder / name).write_text(text, encoding="utf-8")
-    (folder / SOURCE_FILE).write_text(json.dumps(source, indent=2) + "\n")
+        (staging / name).write_text(text, encoding="utf-8")
+    try:
+        staging.rename(folder)
+    except OSError:  # another process wrote the same split meanwhile
+        shutil.rmtree(staging)
 
 
 def _parse(task: PromptTask, text: str) -> list[dict]:

@@ -11,9 +11,10 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
+from conftest import compose_config
 
 from lozo_exp.adapter import load_task
-from lozo_exp.config import TaskConfig
+from lozo_exp.config import TaskConfig, validate
 from lozo_exp.data import DataUnavailable
 from medium_models.kshot import (
     MINIATURE,
@@ -174,3 +175,28 @@ def test_hub_rows_map_to_archive_labels():
     # CogComp/trec coarse labels ABBR, ENTY, DESC, HUM, LOC, NUM -> LM-BFF's 2, 1, 0, 3, 4, 5.
     words = [trec.label_words[trec.from_hub({"text": "?", "coarse_label": i})[1]] for i in range(6)]
     assert words == ["Expression", "Entity", "Description", "Human", "Location", "Number"]
+
+
+def test_mnli_builds_both_test_sets_from_local_hub_files(tmp_path):
+    rows = [
+        {"premise": f"Premise {i}.", "hypothesis": f"Hypothesis {i}.", "label": i % 3, "idx": i}
+        for i in range(12)
+    ]
+    files = {}
+    for split in ("train", "validation_matched", "validation_mismatched"):
+        path = tmp_path / f"{split}.jsonl"
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        files[split] = str(path)
+    cfg = compose_config(
+        "model=roberta-large",
+        "task=mnli",
+        "task.k=2",
+        f"task.lmbff_root={tmp_path}",
+        *(f"+task.data_files.{split}={path}" for split, path in files.items()),
+    )
+    validate(cfg)  # the hub's split names are valid keys of task.data_files
+    cfg = cfg.task
+    splits = kshot_splits(load_task("masked", "mnli"), cfg)
+    assert list(splits.test) == ["test_matched", "test_mismatched"]
+    assert len(splits.train) == 6 and len(splits.test["test_mismatched"]) == 12
+    assert splits.train[0]["sentence1"].startswith("Premise")

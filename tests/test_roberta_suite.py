@@ -13,6 +13,8 @@ import pytest
 import yaml
 from conftest import compose_config, read_metrics, run_overrides
 
+from medium_models.kshot import main as build_kshot
+
 TASKS = ["sst2", "sst5", "snli", "mnli", "rte", "trec"]
 FAST = ("model=tiny-roberta", "trainer.max_steps=4", "trainer.eval_steps=2", "method.batch_size=4")
 REPO = Path(__file__).resolve().parents[1]
@@ -75,3 +77,28 @@ def test_five_seed_multirun_of_one_cell(tmp_path):
         assert json.loads((run / "results.json").read_text())["status"] == "completed"
         data_seeds.append(yaml.safe_load((run / ".hydra" / "config.yaml").read_text()))
     assert sorted(c["task"]["data_seed"] for c in data_seeds) == seeds
+
+
+def test_a_run_reads_the_split_directory_named_by_data_dir(run_dir, tmp_path, caplog):
+    build_kshot(
+        [
+            "--task",
+            "trec",
+            "--k",
+            "3",
+            "--seed",
+            "21",
+            "--data-dir",
+            str(tmp_path),
+            "--source",
+            "sample",
+        ]
+    )
+    folder = tmp_path / "k-shot-1k-test" / "trec" / "3-21"
+    with caplog.at_level("INFO"):
+        results = run_overrides(
+            run_dir, *FAST, "task=trec", "method=mezo", f"task.data_dir={folder}"
+        )
+    assert f"k-shot split {folder} (built from bundled miniature LM-BFF archive)" in caplog.text
+    assert "data: 18 train, 18 dev, 9 test test" in caplog.text
+    assert results["status"] == "completed"
