@@ -47,6 +47,8 @@ class DataFiles:
     train: str | None = None
     validation: str | None = None
     test: str | None = None
+    validation_matched: str | None = None  # MNLI's two dev sets
+    validation_mismatched: str | None = None
 
 
 @dataclass
@@ -69,6 +71,11 @@ class TaskConfig:
     k: int = 16
     data_seed: int = 13
     test_cap: int = 1000
+    # LM-BFF layout: <lmbff_root>/original/<TASK>/ (the archive, if at hand) and the split
+    # <lmbff_root>/k-shot-1k-test/<TASK>/<k>-<data_seed>/, built on first use; `data_dir`
+    # names another split directory.
+    lmbff_root: str = "data"
+    data_dir: str | None = None
 
 
 @dataclass
@@ -140,6 +147,7 @@ def validate(cfg: RunConfig) -> None:
             f"task.source={t.source!r} is not one of {_choices(DATA_SOURCES)}",
         ),
         (t.k >= 1, f"task.k={t.k} must be a positive integer"),
+        (t.test_cap >= 1, f"task.test_cap={t.test_cap} must be a positive integer"),
         (
             min(t.num_train, t.num_dev, t.num_eval) >= 1,
             "task.num_train, task.num_dev and task.num_eval must be positive",

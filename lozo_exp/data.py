@@ -1,12 +1,11 @@
 """Task data: rows with the hub dataset's columns, from the hub, local files or the bundled sample,
-and the two sampling protocols of the paper (OPT: sampled train/dev/eval; RoBERTa: k-shot).
+and the OPT sampling protocol (RoBERTa's LM-BFF k-shot splits: `medium_models.kshot`).
 """
 
 from __future__ import annotations
 
 import logging
 import random
-from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -48,7 +47,7 @@ def sample_path(task: str, split: str) -> Path:
 
 def load_rows(cfg: TaskConfig, split: str) -> list[Row]:
     """One split (train, validation or test) of a task, with the hub dataset's columns."""
-    local = getattr(cfg.data_files, split)
+    local = getattr(cfg.data_files, split, None)
     if local is not None:
         return _read_file(Path(local).expanduser())
     if cfg.source == "sample":
@@ -97,29 +96,3 @@ def sample_opt_protocol(cfg: TaskConfig, train: list[Row], evaluation: list[Row]
     evaluation = random.Random(0).sample(evaluation, min(len(evaluation), cfg.num_eval))
     _warn_short(f"{cfg.name} eval", len(evaluation), cfg.num_eval)
     return Splits(train=picked[:-num_dev], dev=picked[-num_dev:], test={"test": evaluation})
-
-
-def sample_kshot(
-    cfg: TaskConfig, train: list[Row], tests: dict[str, list[Row]], label_of
-) -> Splits:
-    """LM-BFF k-shot: shuffle the training rows with the data seed; per label, the first k
-    go to train and the next k to dev; each test set is capped at `test_cap` rows."""
-    rows = list(train)
-    random.Random(cfg.data_seed).shuffle(rows)
-    by_label: dict[object, list[Row]] = defaultdict(list)
-    for row in rows:
-        by_label[label_of(row)].append(row)
-    picked_train: list[Row] = []
-    picked_dev: list[Row] = []
-    for label in sorted(by_label, key=str):
-        group = by_label[label]
-        _warn_short(
-            f"{cfg.name} label {label!r} (k={cfg.k} train + {cfg.k} dev)", len(group), 2 * cfg.k
-        )
-        picked_train += group[: cfg.k]
-        picked_dev += group[cfg.k : 2 * cfg.k]
-    return Splits(
-        train=picked_train,
-        dev=picked_dev,
-        test={name: t[: cfg.test_cap] for name, t in tests.items()},
-    )
