@@ -21,6 +21,7 @@ TRAIN_METHODS = (*ZO_METHODS, "ft", "ft-lora")
 EVAL_METHODS = ("zero-shot",)
 METHODS = (*TRAIN_METHODS, *EVAL_METHODS)
 DATA_SOURCES = ("hub", "sample")
+LR_SCHEDULES = ("constant", "linear")
 
 
 class ConfigError(ValueError):
@@ -100,6 +101,9 @@ class TrainerConfig:
     eval_batch_size: int = 8
     progress_every_s: float = 30.0  # at most one progress line per this many seconds
     device: str = "auto"  # "auto" (cuda when available), "cpu", "cuda", "cuda:1", ...
+    # "constant" (the ZO scripts) or "linear" decay to 0 over max_steps (HF Trainer's default,
+    # which the published FT scripts use).
+    lr_schedule: str = "constant"
 
 
 @dataclass
@@ -156,6 +160,10 @@ def validate(cfg: RunConfig) -> None:
         (tr.eval_steps >= 1, f"trainer.eval_steps={tr.eval_steps} must be a positive integer"),
         (tr.log_steps >= 1, f"trainer.log_steps={tr.log_steps} must be a positive integer"),
         (tr.eval_batch_size >= 1, f"trainer.eval_batch_size={tr.eval_batch_size} must be >= 1"),
+        (
+            tr.lr_schedule in LR_SCHEDULES,
+            f"trainer.lr_schedule={tr.lr_schedule!r} is not one of {_choices(LR_SCHEDULES)}",
+        ),
         (mo.max_length >= 8, f"model.max_length={mo.max_length} is too small (>= 8)"),
     ]
     bad = [msg for ok, msg in checks if not ok]

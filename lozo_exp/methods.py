@@ -54,6 +54,15 @@ def build_optimizer(
     return MeZO(groups, **common)
 
 
+def set_learning_rate(
+    optimizer: torch.optim.Optimizer, lr: float, schedule: str, step: int, max_steps: int
+) -> None:
+    """The lr of `step` as a pure function of it (so a resumed run needs no scheduler state)."""
+    factor = 1.0 if schedule == "constant" else max(0.0, 1 - step / max(1, max_steps))
+    for group in optimizer.param_groups:
+        group["lr"] = lr * factor
+
+
 def make_closure(
     optimizer: torch.optim.Optimizer, adapter: Adapter, batch: Batch
 ) -> Callable[[], torch.Tensor]:

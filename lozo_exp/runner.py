@@ -22,7 +22,7 @@ from torch import nn
 from lozo_exp.adapter import Adapter, adapter_class, load_task
 from lozo_exp.config import ConfigError, RunConfig, validate
 from lozo_exp.data import Row, Splits
-from lozo_exp.methods import build_optimizer, make_closure, prepare_model
+from lozo_exp.methods import build_optimizer, make_closure, prepare_model, set_learning_rate
 from lozo_exp.models import load_model, load_tokenizer
 from lozo_exp.optim import ZeroOrderOptimizer
 from lozo_exp.tracking import MetricsLog, Progress, peak_memory_mb, require_wandb
@@ -151,6 +151,9 @@ class Runner:
         while state.step < tr.max_steps:
             batch = self.adapter.collate(
                 state.next_batch(self.splits.train, self.cfg.method.batch_size)
+            )
+            set_learning_rate(
+                optimizer, self.cfg.method.lr, tr.lr_schedule, state.step, tr.max_steps
             )
             start = time.perf_counter()
             loss = float(optimizer.step(make_closure(optimizer, self.adapter, batch)).detach())

@@ -47,6 +47,7 @@ def test_recipes_follow_the_model_family():
     assert (rob.method.interval, rob.method.beta, rob.task.k) == (100, 0.9, 16)
     ft = compose_config("model=roberta-large", "method=ft")
     assert (ft.trainer.max_steps, ft.method.batch_size, ft.method.lr) == (1000, 8, 1e-5)
+    assert (ft.trainer.lr_schedule, opt.trainer.lr_schedule) == ("linear", "constant")
     tiny = compose_config("model=tiny-roberta")
     assert tiny.task.source == "sample" and tiny.trainer.max_steps < 100
     # The user's overrides beat every default.

@@ -128,6 +128,12 @@ def test_resume_from_run_state_is_exact(tmp_path, method):
         assert torch.equal(p, _params(second)[name]), name
 
 
+def test_linear_schedule_decays_the_logged_lr(tmp_path):
+    run_overrides(tmp_path, "method=ft", "trainer.lr_schedule=linear", "method.lr=0.1", *FAST)
+    lrs = [r["lr"] for r in read_metrics(tmp_path) if "lr" in r]
+    assert lrs == pytest.approx([0.1 * (1 - s / 6) for s in (1, 3, 5)])  # lr of steps 2, 4, 6
+
+
 def test_non_finite_loss_stops_and_keeps_the_log(tmp_path, monkeypatch):
     cfg = compose_config("method=lozo", "trainer.max_steps=20", "trainer.log_steps=2")
     runner = Runner(cfg, tmp_path)
