@@ -325,3 +325,18 @@ def test_non_differentiable_squad_objective(tmp_path):
 def test_config_errors(overrides, message, tmp_path):
     with pytest.raises(ConfigError, match=message):
         run_overrides(tmp_path / "bad", *overrides)
+
+
+def test_eval_bench_writes_throughput_json(tmp_path, monkeypatch):
+    from large_models import eval_bench
+
+    out = tmp_path / "bench.json"
+    argv = ["eval_bench", "--out", str(out), "--tasks", "cb,squad", "--rows", "2"]
+    monkeypatch.setattr("sys.argv", [*argv, "--single-rows", "1", "trainer.eval_batch_size=2"])
+    eval_bench.main()
+    report = json.loads(out.read_text())
+    assert report["model"] == "tiny-opt" and set(report["tasks"]) == {"cb", "squad"}
+    for name, kind in (("cb", "candidate scoring"), ("squad", "generation")):
+        result = report["tasks"][name]
+        assert result["kind"] == kind and result["agreement"] == 1.0
+        assert result["batched_examples_per_s"] > 0 and result["single_examples_per_s"] > 0
