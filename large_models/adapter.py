@@ -74,14 +74,16 @@ class CausalLMAdapter(Adapter):
         return ids if len(ids) <= limit else ids[:1] + ids[len(ids) - limit + 1 :]
 
     def _encode(self, prompted: Prompted, options: tuple[str, ...]) -> list[tuple[list[int], int]]:
-        """Token ids of context + each option (left-truncated, BOS kept) and option lengths."""
+        """Token ids of context + each option (left-truncated, BOS kept) and option lengths.
+        A generation task's sequences leave room for an answer, as its prompts do (published)."""
         context, *full = self.tokenizer(
             [prompted.context, *(prompted.context + o for o in options)]
         )["input_ids"]
+        limit = self.max_length - (MAX_NEW_TOKENS if self.task.generation else 0)
         seqs = []
         for ids in full:
             option_len = max(1, len(ids) - len(context))
-            ids = self._truncate(ids, self.max_length)
+            ids = self._truncate(ids, limit)
             seqs.append((ids, min(option_len, len(ids) - 1)))
         return seqs
 
