@@ -15,7 +15,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from lozo_exp.config import ConfigError, ModelConfig, TaskConfig
+from lozo_exp.config import ConfigError, ModelConfig, RunConfig, TaskConfig
 from lozo_exp.data import Row, Splits
 from lozo_exp.tracking import Progress
 
@@ -54,6 +54,9 @@ class Adapter(ABC):
     @classmethod
     def check(cls, task: Any, tokenizer) -> None:
         """Reject a task the tokenizer cannot serve, before the model is loaded."""
+
+    def prepare(self, cfg: RunConfig, splits: Splits) -> None:
+        """Run-specific setup once the model is built (causal: ICL demonstrations, non_diff)."""
 
     @torch.inference_mode()
     def evaluate(self, rows: list[Row], batch_size: int) -> dict[str, float]:

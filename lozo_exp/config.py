@@ -18,7 +18,7 @@ FAMILIES = ("causal", "masked")
 DTYPES = ("float32", "float16", "bfloat16", "float64")
 ZO_METHODS = ("mezo", "mezo-lora", "lozo", "lozo-m")
 TRAIN_METHODS = (*ZO_METHODS, "ft", "ft-lora")
-EVAL_METHODS = ("zero-shot",)
+EVAL_METHODS = ("zero-shot", "icl")
 METHODS = (*TRAIN_METHODS, *EVAL_METHODS)
 DATA_SOURCES = ("hub", "sample")
 LR_SCHEDULES = ("constant", "linear")
@@ -77,6 +77,8 @@ class TaskConfig:
     # names another split directory.
     lmbff_root: str = "data"
     data_dir: str | None = None
+    # SQuAD-style tasks, ZO methods only: the loss is -F1 of greedy generations (no gradients).
+    non_diff: bool = False
 
 
 @dataclass
@@ -91,6 +93,7 @@ class MethodConfig:
     lora_r: int = 8
     lora_alpha: int = 16
     batch_size: int = 16
+    num_demos: int = 32  # ICL: demonstrations taken from the training sample
 
 
 @dataclass
@@ -146,6 +149,18 @@ def validate(cfg: RunConfig) -> None:
         (0 <= m.beta < 1, f"method.beta={m.beta} must lie in [0, 1)"),
         (m.batch_size >= 1, f"method.batch_size={m.batch_size} must be a positive integer"),
         (m.lora_r >= 1, f"method.lora_r={m.lora_r} must be a positive integer"),
+        (m.num_demos >= 0, f"method.num_demos={m.num_demos} must be >= 0"),
+        (
+            m.name != "icl" or mo.family == "causal",
+            f"method.name=icl (in-context learning) needs a causal model; model.family is "
+            f"{mo.family!r}",
+        ),
+        (
+            not t.non_diff or (m.name in ZO_METHODS and mo.family == "causal"),
+            f"task.non_diff=true (loss = -F1 of greedy generations, which has no gradient) "
+            f"needs a zeroth-order method on a causal model ({_choices(ZO_METHODS)}); got "
+            f"method.name={m.name!r} with model.family={mo.family!r}",
+        ),
         (
             t.source in DATA_SOURCES,
             f"task.source={t.source!r} is not one of {_choices(DATA_SOURCES)}",

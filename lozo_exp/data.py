@@ -5,9 +5,10 @@ and the OPT sampling protocol (RoBERTa's LM-BFF k-shot splits: `medium_models.ks
 from __future__ import annotations
 
 import logging
-import random
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import numpy as np
 
 from lozo_exp.config import ConfigError, TaskConfig
 
@@ -85,14 +86,26 @@ def _warn_short(what: str, got: int, wanted: int) -> None:
         log.warning("%s: asked for %d examples, the source has only %d", what, wanted, got)
 
 
+def _seeded_subset(rows: list[Row], seed: int, num: int) -> list[Row]:
+    """The first `num` rows of a permutation drawn by NumPy's legacy generator seeded with
+    `seed`: the published `sample_subset`, so the same seed picks the same examples."""
+    order = np.random.RandomState(seed).permutation(len(rows))[:num]
+    return [rows[i] for i in order]
+
+
 def sample_opt_protocol(cfg: TaskConfig, train: list[Row], evaluation: list[Row]) -> Splits:
-    """MeZO/LOZO's OPT protocol: a seeded permutation of the train split gives
-    num_train + num_dev examples (dev = the last num_dev); num_eval are sampled from the
-    validation split. Fewer rows than asked for give a warning, not a crash."""
-    rng = random.Random(cfg.train_set_seed)
-    picked = rng.sample(train, min(len(train), cfg.num_train + cfg.num_dev))
+    """MeZO/LOZO's OPT protocol: with seed `train_set_seed`, a permutation of the train split
+    gives num_train + num_dev examples (dev = the last num_dev, so CB's 250 rows give 150 train
+    and 100 dev), and a permutation of the validation split gives the num_eval test examples.
+    Fewer rows than asked for give a warning, not a crash; dev then takes at most half."""
+    seed = cfg.train_set_seed
+    picked = _seeded_subset(train, seed, cfg.num_train + cfg.num_dev)
     _warn_short(f"{cfg.name} train+dev", len(picked), cfg.num_train + cfg.num_dev)
     num_dev = min(cfg.num_dev, len(picked) // 2)
-    evaluation = random.Random(0).sample(evaluation, min(len(evaluation), cfg.num_eval))
+    evaluation = _seeded_subset(evaluation, seed, cfg.num_eval)
     _warn_short(f"{cfg.name} eval", len(evaluation), cfg.num_eval)
-    return Splits(train=picked[:-num_dev], dev=picked[-num_dev:], test={"test": evaluation})
+    return Splits(
+        train=picked[: len(picked) - num_dev],
+        dev=picked[len(picked) - num_dev :],
+        test={"test": evaluation},
+    )

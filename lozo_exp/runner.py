@@ -131,6 +131,7 @@ class Runner:
         model = load_model(cfg.model, tokenizer).to(self.device)
         model = prepare_model(model, cfg.method, cfg.model)
         self.adapter = adapter_cls(model, tokenizer, task, cfg.model)
+        self.adapter.prepare(cfg, self.splits)
         self.state = RunState(model, build_optimizer(model, cfg.method, cfg.seed), cfg.seed)
         n_train = sum(p.numel() for p in self.state.trainable().values())
         log.info("method %s: %.2fM trainable parameters", cfg.method.name, n_train / 1e6)

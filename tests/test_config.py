@@ -22,8 +22,12 @@ def test_config_groups_match_the_code():
 def test_every_model_and_method_composes(model):
     for method in METHODS:
         cfg = compose_config(f"model={model}", f"method={method}")
-        validate(cfg)
         assert (cfg.model.name, cfg.method.name) == (model, method)
+        if method == "icl" and cfg.model.family == "masked":
+            with pytest.raises(ConfigError, match="needs a causal model"):
+                validate(cfg)
+        else:
+            validate(cfg)
 
 
 @pytest.mark.parametrize("model", ["tiny-opt", "opt-13b", "roberta-large"])
