@@ -49,8 +49,8 @@ def main(dict_cfg: DictConfig) -> float | None:
         cfg: RunConfig = OmegaConf.to_object(dict_cfg)
         results = run(cfg, out_dir)
     except (ConfigError, TrainingDiverged) as err:
-        log.error("%s", err)
-        if hydra_cfg.mode == RunMode.MULTIRUN:
+        if hydra_cfg.mode == RunMode.MULTIRUN:  # report the job and let the sweep go on
+            log.error("job %d failed: %s", hydra_cfg.job.num, err)
             return None
         print(f"\nlozo-exp: {err}", file=sys.stderr)
         sys.exit(1)

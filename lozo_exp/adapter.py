@@ -15,8 +15,9 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from lozo_exp.config import ConfigError, ModelConfig, TaskConfig
+from lozo_exp.config import ConfigError, ModelConfig, RunConfig, TaskConfig
 from lozo_exp.data import Row, Splits
+from lozo_exp.tracking import Progress
 
 FAMILY_PACKAGES = {"causal": "large_models", "masked": "medium_models"}
 Batch = dict[str, Any]
@@ -54,16 +55,19 @@ class Adapter(ABC):
     def check(cls, task: Any, tokenizer) -> None:
         """Reject a task the tokenizer cannot serve, before the model is loaded."""
 
+    def prepare(self, cfg: RunConfig, splits: Splits) -> None:
+        """Run-specific setup once the model is built (causal: ICL demonstrations, non_diff)."""
+
     @torch.inference_mode()
     def evaluate(self, rows: list[Row], batch_size: int) -> dict[str, float]:
         """Mean metrics over rows (eval mode); include `self.task.metric`, the paper's number."""
         was_training = self.model.training
         self.model.eval()
-        scores = [
-            s
-            for i in range(0, len(rows), batch_size)
-            for s in self.score_batch(rows[i : i + batch_size])
-        ]
+        progress = Progress("evaluated", len(rows), every_s=30.0)
+        scores: list[dict[str, float]] = []
+        for start in range(0, len(rows), batch_size):
+            scores += self.score_batch(rows[start : start + batch_size])
+            progress.update(len(scores))
         self.model.train(was_training)
         return {k: sum(s[k] for s in scores) / len(scores) for k in scores[0]} if scores else {}
 

@@ -19,9 +19,10 @@ DTYPES = ("float32", "float16", "bfloat16", "float64")
 ZO_METHODS = ("mezo", "mezo-lora", "lozo", "lozo-m")
 ENGINES = ("fast", "plain")
 TRAIN_METHODS = (*ZO_METHODS, "ft", "ft-lora")
-EVAL_METHODS = ("zero-shot",)
+EVAL_METHODS = ("zero-shot", "icl")
 METHODS = (*TRAIN_METHODS, *EVAL_METHODS)
 DATA_SOURCES = ("hub", "sample")
+LR_SCHEDULES = ("constant", "linear")
 
 
 class ConfigError(ValueError):
@@ -42,6 +43,17 @@ class ModelConfig:
 
 
 @dataclass
+class DataFiles:
+    """Local files with the hub dataset's columns (parquet, json/jsonl or csv), per split."""
+
+    train: str | None = None
+    validation: str | None = None
+    test: str | None = None
+    validation_matched: str | None = None  # MNLI's two dev sets
+    validation_mismatched: str | None = None
+
+
+@dataclass
 class TaskConfig:
     name: str = MISSING
     source: str = "hub"  # "hub" or "sample" (the small bundled sample)
@@ -51,8 +63,7 @@ class TaskConfig:
     splits: dict[str, str] = field(
         default_factory=lambda: {"train": "train", "validation": "validation"}
     )
-    # Local files with the hub dataset's columns (parquet, json/jsonl or csv); override `source`.
-    data_files: dict[str, str] = field(default_factory=dict)
+    data_files: DataFiles = field(default_factory=DataFiles)  # a given split overrides `source`
     # Causal-LM protocol (MeZO/LOZO OPT experiments): sampled train/dev/eval sets.
     num_train: int = 1000
     num_dev: int = 500
@@ -62,6 +73,13 @@ class TaskConfig:
     k: int = 16
     data_seed: int = 13
     test_cap: int = 1000
+    # LM-BFF layout: <lmbff_root>/original/<TASK>/ (the archive, if at hand) and the split
+    # <lmbff_root>/k-shot-1k-test/<TASK>/<k>-<data_seed>/, built on first use; `data_dir`
+    # names another split directory.
+    lmbff_root: str = "data"
+    data_dir: str | None = None
+    # SQuAD-style tasks, ZO methods only: the loss is -F1 of greedy generations (no gradients).
+    non_diff: bool = False
 
 
 @dataclass
@@ -76,6 +94,7 @@ class MethodConfig:
     lora_r: int = 8
     lora_alpha: int = 16
     batch_size: int = 16
+    num_demos: int = 32  # ICL: demonstrations taken from the training sample
     # ZO step engine: "fast" (side path / fused passes, lozo_exp.optim.engine) or "plain"
     # (in-place reference path); both compute the same losses and updates.
     engine: str = "fast"
@@ -89,6 +108,9 @@ class TrainerConfig:
     eval_batch_size: int = 8
     progress_every_s: float = 30.0  # at most one progress line per this many seconds
     device: str = "auto"  # "auto" (cuda when available), "cpu", "cuda", "cuda:1", ...
+    # "constant" (the ZO scripts) or "linear" decay to 0 over max_steps (HF Trainer's default,
+    # which the published FT scripts use).
+    lr_schedule: str = "constant"
 
 
 @dataclass
@@ -132,11 +154,24 @@ def validate(cfg: RunConfig) -> None:
         (m.engine in ENGINES, f"method.engine={m.engine!r} is not one of {_choices(ENGINES)}"),
         (m.batch_size >= 1, f"method.batch_size={m.batch_size} must be a positive integer"),
         (m.lora_r >= 1, f"method.lora_r={m.lora_r} must be a positive integer"),
+        (m.num_demos >= 0, f"method.num_demos={m.num_demos} must be >= 0"),
+        (
+            m.name != "icl" or mo.family == "causal",
+            f"method.name=icl (in-context learning) needs a causal model; model.family is "
+            f"{mo.family!r}",
+        ),
+        (
+            not t.non_diff or (m.name in ZO_METHODS and mo.family == "causal"),
+            f"task.non_diff=true (loss = -F1 of greedy generations, which has no gradient) "
+            f"needs a zeroth-order method on a causal model ({_choices(ZO_METHODS)}); got "
+            f"method.name={m.name!r} with model.family={mo.family!r}",
+        ),
         (
             t.source in DATA_SOURCES,
             f"task.source={t.source!r} is not one of {_choices(DATA_SOURCES)}",
         ),
         (t.k >= 1, f"task.k={t.k} must be a positive integer"),
+        (t.test_cap >= 1, f"task.test_cap={t.test_cap} must be a positive integer"),
         (
             min(t.num_train, t.num_dev, t.num_eval) >= 1,
             "task.num_train, task.num_dev and task.num_eval must be positive",
@@ -145,13 +180,15 @@ def validate(cfg: RunConfig) -> None:
         (tr.eval_steps >= 1, f"trainer.eval_steps={tr.eval_steps} must be a positive integer"),
         (tr.log_steps >= 1, f"trainer.log_steps={tr.log_steps} must be a positive integer"),
         (tr.eval_batch_size >= 1, f"trainer.eval_batch_size={tr.eval_batch_size} must be >= 1"),
+        (
+            tr.lr_schedule in LR_SCHEDULES,
+            f"trainer.lr_schedule={tr.lr_schedule!r} is not one of {_choices(LR_SCHEDULES)}",
+        ),
         (mo.max_length >= 8, f"model.max_length={mo.max_length} is too small (>= 8)"),
     ]
     bad = [msg for ok, msg in checks if not ok]
-    for split, path in t.data_files.items():
-        if split not in ("train", "validation", "test"):
-            bad.append(f"task.data_files.{split} is not a split (train, validation, test)")
-        elif not Path(path).expanduser().is_file():
+    for split, path in vars(t.data_files).items():
+        if path is not None and not Path(path).expanduser().is_file():
             bad.append(f"task.data_files.{split}={path!r} does not exist")
     if bad:
         raise ConfigError("Invalid configuration: " + "; ".join(bad) + ".")

@@ -1,14 +1,14 @@
 """Task data: rows with the hub dataset's columns, from the hub, local files or the bundled sample,
-and the two sampling protocols of the paper (OPT: sampled train/dev/eval; RoBERTa: k-shot).
+and the OPT sampling protocol (RoBERTa's LM-BFF k-shot splits: `medium_models.kshot`).
 """
 
 from __future__ import annotations
 
 import logging
-import random
-from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import numpy as np
 
 from lozo_exp.config import ConfigError, TaskConfig
 
@@ -48,8 +48,9 @@ def sample_path(task: str, split: str) -> Path:
 
 def load_rows(cfg: TaskConfig, split: str) -> list[Row]:
     """One split (train, validation or test) of a task, with the hub dataset's columns."""
-    if split in cfg.data_files:
-        return _read_file(Path(cfg.data_files[split]).expanduser())
+    local = getattr(cfg.data_files, split, None)
+    if local is not None:
+        return _read_file(Path(local).expanduser())
     if cfg.source == "sample":
         path = sample_path(cfg.name, split)
         if not path.is_file():
@@ -85,40 +86,26 @@ def _warn_short(what: str, got: int, wanted: int) -> None:
         log.warning("%s: asked for %d examples, the source has only %d", what, wanted, got)
 
 
+def _seeded_subset(rows: list[Row], seed: int, num: int) -> list[Row]:
+    """The first `num` rows of a permutation drawn by NumPy's legacy generator seeded with
+    `seed`: the published `sample_subset`, so the same seed picks the same examples."""
+    order = np.random.RandomState(seed).permutation(len(rows))[:num]
+    return [rows[i] for i in order]
+
+
 def sample_opt_protocol(cfg: TaskConfig, train: list[Row], evaluation: list[Row]) -> Splits:
-    """MeZO/LOZO's OPT protocol: a seeded permutation of the train split gives
-    num_train + num_dev examples (dev = the last num_dev); num_eval are sampled from the
-    validation split. Fewer rows than asked for give a warning, not a crash."""
-    rng = random.Random(cfg.train_set_seed)
-    picked = rng.sample(train, min(len(train), cfg.num_train + cfg.num_dev))
+    """MeZO/LOZO's OPT protocol: with seed `train_set_seed`, a permutation of the train split
+    gives num_train + num_dev examples (dev = the last num_dev, so CB's 250 rows give 150 train
+    and 100 dev), and a permutation of the validation split gives the num_eval test examples.
+    Fewer rows than asked for give a warning, not a crash; dev then takes at most half."""
+    seed = cfg.train_set_seed
+    picked = _seeded_subset(train, seed, cfg.num_train + cfg.num_dev)
     _warn_short(f"{cfg.name} train+dev", len(picked), cfg.num_train + cfg.num_dev)
     num_dev = min(cfg.num_dev, len(picked) // 2)
-    evaluation = random.Random(0).sample(evaluation, min(len(evaluation), cfg.num_eval))
+    evaluation = _seeded_subset(evaluation, seed, cfg.num_eval)
     _warn_short(f"{cfg.name} eval", len(evaluation), cfg.num_eval)
-    return Splits(train=picked[:-num_dev], dev=picked[-num_dev:], test={"test": evaluation})
-
-
-def sample_kshot(
-    cfg: TaskConfig, train: list[Row], tests: dict[str, list[Row]], label_of
-) -> Splits:
-    """LM-BFF k-shot: shuffle the training rows with the data seed; per label, the first k
-    go to train and the next k to dev; each test set is capped at `test_cap` rows."""
-    rows = list(train)
-    random.Random(cfg.data_seed).shuffle(rows)
-    by_label: dict[object, list[Row]] = defaultdict(list)
-    for row in rows:
-        by_label[label_of(row)].append(row)
-    picked_train: list[Row] = []
-    picked_dev: list[Row] = []
-    for label in sorted(by_label, key=str):
-        group = by_label[label]
-        _warn_short(
-            f"{cfg.name} label {label!r} (k={cfg.k} train + {cfg.k} dev)", len(group), 2 * cfg.k
-        )
-        picked_train += group[: cfg.k]
-        picked_dev += group[cfg.k : 2 * cfg.k]
     return Splits(
-        train=picked_train,
-        dev=picked_dev,
-        test={name: t[: cfg.test_cap] for name, t in tests.items()},
+        train=picked[: len(picked) - num_dev],
+        dev=picked[len(picked) - num_dev :],
+        test={"test": evaluation},
     )

@@ -1,5 +1,5 @@
 """A method is a choice of trainable parameters (all, or LoRA's via `peft`) plus an optimizer:
-a zeroth-order one from `lozo_exp.optim`, AdamW with backprop for FT, none for zero-shot.
+a zeroth-order one from `lozo_exp.optim`, AdamW with backprop for FT, none for zero-shot and ICL.
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from lozo_exp.adapter import Adapter, Batch
-from lozo_exp.config import ZO_METHODS, MethodConfig, ModelConfig
+from lozo_exp.config import EVAL_METHODS, ZO_METHODS, MethodConfig, ModelConfig
 from lozo_exp.optim import (
     LOZO,
     LOZOM,
@@ -41,14 +41,14 @@ def prepare_model(model: nn.Module, method: MethodConfig, model_cfg: ModelConfig
             target_modules=list(model_cfg.lora_targets),
         )
         model = get_peft_model(model, lora)
-    model.train(not is_zeroth_order(method) and method.name != "zero-shot")
+    model.train(not is_zeroth_order(method) and method.name not in EVAL_METHODS)
     return model
 
 
 def build_optimizer(
     model: nn.Module, method: MethodConfig, seed: int
 ) -> torch.optim.Optimizer | None:
-    if method.name == "zero-shot":
+    if method.name in EVAL_METHODS:
         return None
     groups = default_param_groups(model.named_parameters(), method.weight_decay)
     if not is_zeroth_order(method):
@@ -63,6 +63,15 @@ def build_optimizer(
     if method.engine == "fast":
         FastEngine(opt, model)
     return opt
+
+
+def set_learning_rate(
+    optimizer: torch.optim.Optimizer, lr: float, schedule: str, step: int, max_steps: int
+) -> None:
+    """The lr of `step` as a pure function of it (so a resumed run needs no scheduler state)."""
+    factor = 1.0 if schedule == "constant" else max(0.0, 1 - step / max(1, max_steps))
+    for group in optimizer.param_groups:
+        group["lr"] = lr * factor
 
 
 def make_closure(

@@ -22,7 +22,7 @@ from torch import nn
 from lozo_exp.adapter import Adapter, adapter_class, load_task
 from lozo_exp.config import ConfigError, RunConfig, validate
 from lozo_exp.data import Row, Splits
-from lozo_exp.methods import build_optimizer, make_closure, prepare_model
+from lozo_exp.methods import build_optimizer, make_closure, prepare_model, set_learning_rate
 from lozo_exp.models import load_model, load_tokenizer
 from lozo_exp.optim import ZeroOrderOptimizer
 from lozo_exp.tracking import MetricsLog, Progress, peak_memory_mb, require_wandb
@@ -63,23 +63,14 @@ class RunState:
             self.epoch, self.position = self.epoch + 1, 0
         return [rows[i] for i in order.tolist()]
 
+    _PROGRESS = ("step", "epoch", "position", "best_metric", "best_step", "best_dev", "best_params")
+
     def state_dict(self) -> dict[str, Any]:
         return {
             "params": {n: p.detach().clone() for n, p in self.trainable().items()},
             "optimizer": self.optimizer.state_dict() if self.optimizer else None,
             "torch_rng": torch.get_rng_state(),
-            **{
-                k: getattr(self, k)
-                for k in (
-                    "step",
-                    "epoch",
-                    "position",
-                    "best_metric",
-                    "best_step",
-                    "best_dev",
-                    "best_params",
-                )
-            },
+            **{k: getattr(self, k) for k in self._PROGRESS},
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -89,15 +80,7 @@ class RunState:
         if self.optimizer is not None:
             self.optimizer.load_state_dict(state["optimizer"])
         torch.set_rng_state(state["torch_rng"])
-        for k in (
-            "step",
-            "epoch",
-            "position",
-            "best_metric",
-            "best_step",
-            "best_dev",
-            "best_params",
-        ):
+        for k in self._PROGRESS:
             setattr(self, k, state[k])
 
 
@@ -125,6 +108,7 @@ class Runner:
     """Holds what one run shares across its phases: config, adapter, splits, state, logs."""
 
     def __init__(self, cfg: RunConfig, out_dir: Path):
+        self.start = time.perf_counter()
         validate(cfg)
         require_wandb(cfg.logger)
         _check_output_dir(out_dir)
@@ -147,6 +131,7 @@ class Runner:
         model = load_model(cfg.model, tokenizer).to(self.device)
         model = prepare_model(model, cfg.method, cfg.model)
         self.adapter = adapter_cls(model, tokenizer, task, cfg.model)
+        self.adapter.prepare(cfg, self.splits)
         self.state = RunState(model, build_optimizer(model, cfg.method, cfg.seed), cfg.seed)
         n_train = sum(p.numel() for p in self.state.trainable().values())
         log.info("method %s: %.2fM trainable parameters", cfg.method.name, n_train / 1e6)
@@ -160,7 +145,7 @@ class Runner:
     def train(self, metrics: MetricsLog) -> None:
         state, tr = self.state, self.cfg.trainer
         optimizer = state.optimizer
-        progress = Progress(tr.max_steps, tr.progress_every_s, state.step)
+        progress = Progress("step", tr.max_steps, tr.progress_every_s, state.step)
         losses: list[float] = []
         times: list[float] = []
         self._memory()
@@ -168,8 +153,11 @@ class Runner:
             batch = self.adapter.collate(
                 state.next_batch(self.splits.train, self.cfg.method.batch_size)
             )
+            set_learning_rate(
+                optimizer, self.cfg.method.lr, tr.lr_schedule, state.step, tr.max_steps
+            )
             start = time.perf_counter()
-            loss = float(optimizer.step(make_closure(optimizer, self.adapter, batch)))
+            loss = float(optimizer.step(make_closure(optimizer, self.adapter, batch)).detach())
             _sync(self.device)
             times.append(time.perf_counter() - start)
             losses.append(loss)
@@ -194,7 +182,7 @@ class Runner:
                     f"{self.cfg.model.dtype}); the run stopped. Try a smaller method.lr or "
                     f"model.dtype=float32/bfloat16. Logged steps are in metrics.jsonl."
                 )
-            progress.update(state.step, loss)
+            progress.update(state.step, f"loss {loss:.4f}")
             if state.step % tr.eval_steps == 0 or state.step == tr.max_steps:
                 self.evaluate_dev(metrics)
 
@@ -233,7 +221,6 @@ class Runner:
 
     def run(self) -> dict[str, Any]:
         cfg = self.cfg
-        start = time.perf_counter()
         metrics = MetricsLog(self.out_dir, cfg.logger, self.out_dir.name, asdict(cfg))
         results: dict[str, Any] = {
             "model": cfg.model.name,
@@ -259,7 +246,7 @@ class Runner:
             results.update(
                 steps=self.state.step,
                 best_step=self.state.best_step,
-                wall_time_s=time.perf_counter() - start,
+                wall_time_s=time.perf_counter() - self.start,
                 peak_mem_mb=max(self.peak_mem_mb, self._memory()),
             )
             metrics.write(

@@ -75,23 +75,25 @@ def _clock(seconds: float) -> str:
 class Progress:
     """A log line with rate and ETA, at most once every `every_s` seconds (and at the end)."""
 
-    def __init__(self, total: int, every_s: float, start_step: int = 0):
-        self.total, self.every_s, self.start_step = total, every_s, start_step
+    def __init__(self, what: str, total: int, every_s: float, start: int = 0):
+        self.what, self.total, self.every_s, self.first = what, total, every_s, start
         self.start = self.last = time.perf_counter()
 
-    def update(self, step: int, loss: float) -> None:
+    def update(self, done: int, note: str = "") -> None:
+        """Log if `every_s` has passed since the last line (at the end: since the start)."""
         now = time.perf_counter()
-        if now - self.last < self.every_s and step < self.total:
+        if now - self.last < self.every_s:
             return
         self.last = now
-        rate = (step - self.start_step) / max(now - self.start, 1e-9)
-        eta = (self.total - step) / rate if rate > 0 else math.inf
+        rate = (done - self.first) / max(now - self.start, 1e-9)
+        eta = (self.total - done) / rate if rate > 0 else math.inf
         log.info(
-            "step %d/%d (%.0f%%) loss %.4f | %.2f steps/s | elapsed %s | ETA %s",
-            step,
+            "%s %d/%d (%.0f%%)%s | %.2f/s | elapsed %s | ETA %s",
+            self.what,
+            done,
             self.total,
-            100 * step / max(self.total, 1),
-            loss,
+            100 * done / max(self.total, 1),
+            f" {note}" if note else "",
             rate,
             _clock(now - self.start),
             _clock(eta),

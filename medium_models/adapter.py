@@ -11,7 +11,8 @@ import torch.nn.functional as F
 
 from lozo_exp.adapter import Adapter, Batch
 from lozo_exp.config import ModelConfig, TaskConfig
-from lozo_exp.data import Row, Splits, load_rows, sample_kshot
+from lozo_exp.data import Row, Splits
+from medium_models.kshot import kshot_splits
 from medium_models.tasks.base import PromptTask
 from medium_models.template import encode_template, label_word_ids
 
@@ -32,9 +33,7 @@ class MaskedLMAdapter(Adapter):
 
     @staticmethod
     def build_splits(task: PromptTask, cfg: TaskConfig) -> Splits:
-        return sample_kshot(
-            cfg, load_rows(cfg, "train"), {"test": load_rows(cfg, "validation")}, task.label
-        )
+        return kshot_splits(task, cfg)
 
     def collate(self, rows: list[Row]) -> Batch:
         t = self.task

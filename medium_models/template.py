@@ -1,31 +1,56 @@
 """LM-BFF's prompt-template grammar, as the published RoBERTa scripts write templates.
 
-A template is a sequence of `*part*` items: `cls`, `mask`, `sep`/`sep+` (special tokens),
-`sent_i` (sentence i), `sent-_i` (sentence i minus its last character), `+sent_i` (a space,
-then sentence i), `sentl_i`/`+sentl_i` (first letter lower-cased), `sentu_i`/`+sentu_i`
-(first letter upper-cased); anything else is literal text with `_` for a space. Each part is
-tokenised on its own and the ids are concatenated, as LM-BFF does.
+A template is a `*`-separated sequence of parts: `cls`, `bos`, `eos`, `mask`, `sep`, `sep+`
+(special tokens); `sent_i` (sentence i); `+sent_i` (a space, then sentence i); `sent-_i`
+(sentence i minus its last character); `sentl_i`, `+sentl_i`, `sentl-_i` (first letter
+lower-cased); `sentu_i`, `+sentu_i`, `+sentu-_i` (first letter upper-cased); anything else is
+literal text with `_` for a space. Each part is tokenised on its own and the ids concatenated,
+as LM-BFF's `tokenize_multipart_input` does: a sentence part is cut to its limit in tokens
+(`first_sent_limit` for sentence 0, `other_sent_limit` for the others), a one-character
+literal is looked up as a single token, and the whole sequence is cut at the tail.
 """
 
 from __future__ import annotations
 
+import logging
 import re
 
 from lozo_exp.config import ConfigError
 
-_SENT = re.compile(r"^(\+?)sent(-|l|u)?_(\d+)$")
+log = logging.getLogger(__name__)
+
+SPECIAL_PARTS = ("cls", "bos", "eos", "mask", "sep", "sep+")
+# The sentence variants LM-BFF knows: (leading space, case change, drop the last character).
+_SENT = re.compile(r"^(?P<space>\+?)sent(?P<case>[lu]?)(?P<cut>-?)_(?P<index>\d+)$")
+_SENT_VARIANTS = {
+    ("", "", ""),
+    ("+", "", ""),
+    ("", "", "-"),
+    ("", "l", ""),
+    ("+", "l", ""),
+    ("", "l", "-"),
+    ("", "u", ""),
+    ("+", "u", ""),
+    ("+", "u", "-"),
+}
 
 
-def _sentence_text(part: str, sentences: list[str]) -> tuple[int, str]:
-    space, variant, index = _SENT.match(part).groups()
-    text = sentences[int(index)]
-    if variant == "-":
+def _sentence_part(part: str) -> re.Match | None:
+    match = _SENT.match(part)
+    if match and (match["space"], match["case"], match["cut"]) in _SENT_VARIANTS:
+        return match
+    return None
+
+
+def _render_sentence(match: re.Match, sentences: list[str]) -> str:
+    text = sentences[int(match["index"])]
+    if match["case"] == "l":
+        text = text[:1].lower() + text[1:]
+    elif match["case"] == "u":
+        text = text[:1].upper() + text[1:]
+    if match["cut"]:
         text = text[:-1]
-    elif variant == "l" and text:
-        text = text[0].lower() + text[1:]
-    elif variant == "u" and text:
-        text = text[0].upper() + text[1:]
-    return int(index), (" " if space else "") + text
+    return (" " if match["space"] else "") + text
 
 
 def encode_template(
@@ -36,9 +61,11 @@ def encode_template(
     first_sent_limit: int | None = None,
     other_sent_limit: int | None = None,
 ) -> list[int]:
-    """Token ids of the rendered template; sentence i is cut to its limit in tokens."""
+    """Token ids of one example rendered into the template (no padding)."""
     special = {
         "cls": tokenizer.cls_token_id,
+        "bos": tokenizer.bos_token_id,
+        "eos": tokenizer.eos_token_id,
         "mask": tokenizer.mask_token_id,
         "sep": tokenizer.sep_token_id,
         "sep+": tokenizer.sep_token_id,
@@ -49,14 +76,20 @@ def encode_template(
             continue
         if part in special:
             ids.append(special[part])
-        elif _SENT.match(part):
-            index, text = _sentence_text(part, sentences)
-            tokens = tokenizer.encode(text, add_special_tokens=False)
-            limit = first_sent_limit if index == 0 else other_sent_limit
+        elif match := _sentence_part(part):
+            tokens = tokenizer.encode(_render_sentence(match, sentences), add_special_tokens=False)
+            limit = first_sent_limit if match["index"] == "0" else other_sent_limit
             ids += tokens[:limit] if limit is not None else tokens
         else:
-            ids += tokenizer.encode(part.replace("_", " "), add_special_tokens=False)
-    ids = ids[:max_length]  # LM-BFF truncates the tail
+            text = part.replace("_", " ")
+            if len(text) == 1:  # LM-BFF reads one character as one token, e.g. "." or "?"
+                ids.append(tokenizer.convert_tokens_to_ids(text))
+            else:
+                ids += tokenizer.encode(text, add_special_tokens=False)
+    if len(ids) > max_length:
+        if first_sent_limit is not None:
+            log.warning("input exceeds max length %d even with the sentence limit", max_length)
+        ids = ids[:max_length]  # LM-BFF truncates the tail
     if tokenizer.mask_token_id not in ids:
         raise ValueError(
             f"the <mask> of template {template!r} fell beyond max length "
@@ -66,10 +99,14 @@ def encode_template(
 
 
 def label_word_ids(words: dict, tokenizer) -> dict:
-    """Each label word, with its leading space, must be a single token of the tokenizer."""
+    """Token id of each label word. As LM-BFF, a word gets a leading space (unless it starts
+    with `<`, `[`, `.` or `,`) and must then be a single token of the tokenizer."""
     ids = {}
     for label, word in words.items():
-        tokens = tokenizer.encode(" " + word, add_special_tokens=False)
+        if word[:1] in ("<", "[", ".", ","):
+            tokens = [tokenizer.convert_tokens_to_ids(word)]
+        else:
+            tokens = tokenizer.encode(" " + word, add_special_tokens=False)
         if len(tokens) != 1:
             raise ConfigError(
                 f"label word {word!r} (label {label!r}) is {len(tokens)} tokens "

@@ -10,12 +10,12 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "offline")
 
-import pytest  # noqa: E402
-from hydra import compose, initialize_config_dir  # noqa: E402
-from omegaconf import OmegaConf  # noqa: E402
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
 
-from lozo_exp.config import RunConfig, register_configs  # noqa: E402
-from lozo_exp.runner import run  # noqa: E402
+from lozo_exp.config import RunConfig, register_configs
+from lozo_exp.runner import run
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 register_configs()

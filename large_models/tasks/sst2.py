@@ -1,16 +1,15 @@
 """SST-2 (GLUE): `{sentence} It was` followed by " terrible" (0) or " great" (1)."""
 
-from large_models.tasks.base import CausalTask, Prompted
+from large_models.tasks.base import LabelTask
 from lozo_exp.data import Row
 
 
-class SST2(CausalTask):
+class SST2(LabelTask):
     name = "sst2"
+    words = (" terrible", " great")
 
-    def render(self, row: Row) -> Prompted:
-        return Prompted(
-            f"{row['sentence'].strip()} It was", (" terrible", " great"), int(row["label"])
-        )
+    def prompt(self, row: Row) -> str:
+        return f"{row['sentence'].strip()} It was"
 
 
 TASK = SST2()

@@ -1,0 +1,342 @@
+"""OPT tasks: published templates, metrics, sampling, batched evaluation and end-to-end runs."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from conftest import compose_config, read_metrics, run_overrides
+
+from large_models.adapter import CausalLMAdapter
+from lozo_exp.adapter import load_task
+from lozo_exp.config import ConfigError, TaskConfig
+from lozo_exp.data import SAMPLES, sample_opt_protocol
+from lozo_exp.metrics import exact_match, f1, normalize_answer
+from lozo_exp.models import load_model, load_tokenizer
+
+TASKS = ["sst2", "rte", "cb", "boolq", "wsc", "wic", "multirc", "copa", "record", "squad", "drop"]
+# Short runs on few rows: generation (50 tokens per answer of a random model) dominates the time.
+SMALL = ("task.num_dev=6", "task.num_eval=6")
+FAST = (
+    "trainer.max_steps=4",
+    "trainer.eval_steps=4",
+    "trainer.log_steps=2",
+    "method.batch_size=2",
+    *SMALL,
+)
+
+# -- templates: a fixed example per task and the exact string the published template renders --
+TEMPLATES = {
+    "sst2": (
+        {"sentence": "a gorgeous movie . ", "label": 1, "idx": 0},
+        "a gorgeous movie . It was",
+        (" terrible", " great"),
+        1,
+    ),
+    "rte": (
+        {"premise": "Cats purr.", "hypothesis": "Cats make sounds.", "idx": 0, "label": 0},
+        'Cats purr.\nDoes this mean that "Cats make sounds." is true? Yes or No?\n',
+        ("Yes", "No"),
+        0,
+    ),
+    "cb": (
+        {"premise": "He left.", "hypothesis": "he was gone", "idx": 0, "label": 2},
+        'Suppose He left. Can we infer that "he was gone"? Yes, No, or Maybe?\n',
+        ("Yes", "No", "Maybe"),
+        2,
+    ),
+    "boolq": (
+        {"question": "is the sky blue", "answer": False, "passage": "The sky is blue."},
+        "The sky is blue. Is the sky blue?\n",
+        ("Yes", "No"),
+        1,
+    ),
+    "wsc": (
+        {
+            "text": "Tom thanked Bob because He helped.",
+            "span1_index": 2,
+            "span2_index": 4,
+            "span1_text": "Bob",
+            "span2_text": "He",
+            "idx": 0,
+            "label": 1,
+        },
+        'Tom thanked Bob because He helped.\nIn the previous sentence, does the pronoun "he" '
+        "refer to Bob? Yes or No?\n",
+        ("No", "Yes"),
+        1,
+    ),
+    "wic": (
+        {"word": "bank", "sentence1": "A river bank.", "sentence2": "A bank loan.", "label": 0},
+        'Does the word "bank" have the same meaning in these two sentences? Yes, No?\n'
+        "A river bank.\nA bank loan.\n",
+        ("No", "Yes"),
+        0,
+    ),
+    "multirc": (
+        {"paragraph": "Ann ran.", "question": "Who ran?", "answer": "Ann", "label": 1},
+        'Ann ran.\nQuestion: Who ran?\nI found this answer "Ann". Is that correct? Yes or No?\n',
+        ("No", "Yes"),
+        1,
+    ),
+    "copa": (
+        {
+            "premise": "The man fell. ",
+            "choice1": "He slipped on ice.",
+            "choice2": "I pushed him.",
+            "question": "cause",
+            "label": 1,
+        },
+        "The man fell because",
+        (" he slipped on ice.", " I pushed him."),
+        1,
+    ),
+    "record": (
+        {
+            "passage": "Ann met Bob in Rome.\n@highlight\nAnn visits Rome",
+            "query": "@placeholder met Bob.",
+            "entities": ["Bob", "Ann", "Rome"],
+            "answers": ["Ann"],
+        },
+        "Ann met Bob in Rome.\n- Ann visits Rome\n-",
+        (" Bob met Bob.", " Ann met Bob.", " Rome met Bob."),
+        1,
+    ),
+    "squad": (
+        {
+            "title": "Nile",
+            "context": "The Nile flows north.",
+            "question": " Which way? ",
+            "answers": {"text": ["north", "northward"], "answer_start": [15, 15]},
+        },
+        "Title: Nile\nContext: The Nile flows north.\nQuestion: Which way?\nAnswer:",
+        (" north\n",),
+        0,
+    ),
+    "drop": (
+        {
+            "passage": "Two goals.",
+            "question": "How many goals?",
+            "answers_spans": {"spans": ["2", "two"], "types": ["number", "number"]},
+        },
+        "Passage: Two goals.\nQuestion: How many goals?\nAnswer:",
+        (" 2\n",),
+        0,
+    ),
+}
+
+
+@pytest.mark.parametrize("name", TASKS)
+def test_template_renders_the_published_prompt(name):
+    row, context, options, label = TEMPLATES[name]
+    prompted = load_task("causal", name).render(row)
+    assert (prompted.context, prompted.options, prompted.label) == (context, options, label)
+
+
+def test_task_kinds_and_metrics():
+    kinds = {
+        n: (t.objective, t.metric, t.generation) for n in TASKS for t in [load_task("causal", n)]
+    }
+    assert kinds["squad"] == kinds["drop"] == ("lm", "f1", True)
+    assert kinds["copa"] == kinds["record"] == ("lm", "accuracy", False)
+    assert {kinds[n] for n in TASKS[:7]} == {("classification", "accuracy", False)}
+
+
+def test_record_accepts_every_answer_and_generation_keeps_all_golds():
+    record = load_task("causal", "record").render(
+        {
+            "passage": "p",
+            "query": "@placeholder q",
+            "entities": ["A", "B", "C"],
+            "answers": ["C", "A"],
+        }
+    )
+    assert record.label == 2 and [record.is_correct(i) for i in range(3)] == [True, False, True]
+    squad = load_task("causal", "squad").render(TEMPLATES["squad"][0])
+    assert squad.answers == ("north", "northward")
+
+
+# -- metrics ---------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("The  Cat, sat!", "cat sat"),
+        ("an apple a day", "apple day"),
+        ("Theatre (U.S.)", "theatre us"),
+        ("  A  ", ""),
+    ],
+)
+def test_squad_normalisation(text, expected):
+    assert normalize_answer(text) == expected
+
+
+def test_f1_and_em_hand_computed():
+    # pred tokens [big, red, dog], gold [red, dog, barked]: 2 shared, P = R = 2/3
+    assert f1("the big red dog", ["Red dog barked."]) == pytest.approx(2 / 3)
+    # pred [john, smith], gold [smith]: P = 1/2, R = 1, F1 = 2/3; the second gold matches fully
+    assert f1("John Smith", ["Smith", "john smith!"]) == 1.0
+    assert f1("John Smith", ["Smith"]) == pytest.approx(2 / 3)
+    assert f1("", ["north"]) == 0.0 and f1("a", ["the"]) == 0.0  # empty after normalisation
+    assert f1("yes yes", ["yes"]) == pytest.approx(2 * 0.5 * 1 / 1.5)  # counts are a multiset
+    assert exact_match("The Nile.", ["nile"]) == 1.0
+    assert exact_match("Nile river", ["nile"]) == 0.0
+
+
+# -- sampling ----------------------------------------------------------------------------------
+def _rows(n: int) -> list[dict]:
+    return [{"i": i} for i in range(n)]
+
+
+def test_sampling_is_the_published_permutation_deterministic_and_disjoint():
+    cfg = TaskConfig(name="x", hub_id="x", num_train=30, num_dev=10, num_eval=15, train_set_seed=3)
+    a = sample_opt_protocol(cfg, _rows(100), _rows(50))
+    b = sample_opt_protocol(cfg, _rows(100), _rows(50))
+    assert a == b
+    np.random.seed(3)  # the published sample_subset: np.random.permutation under temp_seed
+    order = np.random.permutation(100).tolist()[:40]
+    assert [r["i"] for r in a.train] == order[:30] and [r["i"] for r in a.dev] == order[30:]
+    np.random.seed(3)
+    assert [r["i"] for r in a.test["test"]] == np.random.permutation(50).tolist()[:15]
+    assert not {r["i"] for r in a.train} & {r["i"] for r in a.dev}
+    c = sample_opt_protocol(TaskConfig(**{**cfg.__dict__, "train_set_seed": 4}), _rows(100), [])
+    assert [r["i"] for r in c.train] != [r["i"] for r in a.train]
+
+
+def test_small_train_split_keeps_dev_size_and_warns(caplog):
+    cfg = TaskConfig(name="cb", hub_id="x", num_train=1000, num_dev=100, num_eval=1000)
+    with caplog.at_level(logging.WARNING):
+        splits = sample_opt_protocol(cfg, _rows(250), _rows(56))
+    assert (len(splits.train), len(splits.dev), len(splits.test["test"])) == (150, 100, 56)
+    assert "asked for 1100" in caplog.text and "asked for 1000" in caplog.text
+
+
+def test_cb_and_copa_use_100_dev_examples():
+    for name in ("cb", "copa"):
+        assert compose_config("model=opt-13b", f"task={name}").task.num_dev == 100
+    assert compose_config("model=opt-13b", "task=rte").task.num_dev == 500
+
+
+# -- batched evaluation ------------------------------------------------------------------------
+def _adapter(task: str, *overrides: str) -> tuple[CausalLMAdapter, list[dict]]:
+    cfg = compose_config(f"task={task}", "model.dtype=float64", *overrides)
+    task_obj = load_task("causal", task)
+    splits = CausalLMAdapter.build_splits(task_obj, cfg.task)
+    tokenizer = load_tokenizer(cfg.model)
+    torch.manual_seed(0)
+    adapter = CausalLMAdapter(
+        load_model(cfg.model, tokenizer).eval(), tokenizer, task_obj, cfg.model
+    )
+    adapter.prepare(cfg, splits)
+    return adapter, splits.test["test"]
+
+
+@pytest.mark.parametrize("task", ["record", "cb", "squad"])
+def test_batched_predictions_equal_one_at_a_time(task):
+    adapter, rows = _adapter(task)
+    rows = rows[: 3 if task == "squad" else 6]  # generation in float64 is the slow part
+    assert adapter.predict(rows) == [p for row in rows for p in adapter.predict([row])]
+
+
+def test_icl_prompt_joins_demonstrations_and_left_truncates_keeping_bos():
+    adapter, rows = _adapter("rte", "method=icl", "method.num_demos=3", "model.max_length=64")
+    demos = adapter.demonstrations.split("\n\n")
+    assert len(demos) == 3 and all(d.endswith(("Yes", "No")) for d in demos)
+    prompted = adapter._render(rows[0])
+    assert prompted.context.startswith(demos[0] + "\n\n")
+    assert prompted.context.endswith("\n\n" + load_task("causal", "rte").render(rows[0]).context)
+    for ids, option_len in adapter._encode(prompted, prompted.options):
+        full = adapter.tokenizer(prompted.context + "Yes")["input_ids"]
+        assert len(ids) == 64 and ids[0] == adapter.tokenizer.bos_token_id and option_len == 1
+        if prompted.options[0] == "Yes":
+            assert ids[1:] == full[-63:]
+            break
+
+
+# -- end to end ---------------------------------------------------------------------------------
+def _parquet_files(task: str, tmp_path: Path) -> list[str]:
+    """The bundled sample rewritten as parquet, passed as task.data_files."""
+    overrides = []
+    for split in ("train", "validation"):
+        rows = [json.loads(line) for line in (SAMPLES / task / f"{split}.jsonl").open()]
+        path = tmp_path / f"{task}-{split}.parquet"
+        pd.DataFrame(rows).to_parquet(path)
+        overrides.append(f"+task.data_files.{split}={path}")
+    return overrides
+
+
+@pytest.mark.parametrize("task", TASKS)
+def test_every_task_runs_mezo_from_the_sample_and_lozo_from_data_files(task, tmp_path):
+    metric = load_task("causal", task).metric
+    mezo = run_overrides(tmp_path / "mezo", f"task={task}", "method=mezo", *FAST)
+    lozo = run_overrides(
+        tmp_path / "lozo", f"task={task}", "method=lozo", *FAST, *_parquet_files(task, tmp_path)
+    )
+    for result in (mezo, lozo):
+        assert result["status"] == "completed" and result["steps"] == 4
+        assert result["metric"] == metric and 0.0 <= result["test"][metric] <= 1.0
+    losses = [r["loss"] for r in read_metrics(tmp_path / "lozo") if "loss" in r]
+    assert len(losses) == 2 and all(np.isfinite(losses))
+
+
+@pytest.mark.parametrize("task", ["rte", "squad"])
+def test_ft_runs(task, tmp_path):
+    result = run_overrides(tmp_path / "ft", f"task={task}", "method=ft", *FAST)
+    assert result["status"] == "completed" and result["steps"] == 4
+
+
+@pytest.mark.parametrize("method", ["zero-shot", "icl"])
+@pytest.mark.parametrize("task", ["copa", "drop"])
+def test_evaluation_only_methods(task, method, tmp_path):
+    result = run_overrides(tmp_path / method, f"task={task}", f"method={method}", *SMALL)
+    assert result["status"] == "completed" and result["steps"] == 0
+    assert result["metric"] in result["test"]
+
+
+def test_non_differentiable_squad_objective(tmp_path):
+    result = run_overrides(
+        tmp_path / "nd",
+        "task=squad",
+        "task.non_diff=true",
+        "method=mezo",
+        *FAST,
+        "trainer.max_steps=2",
+    )
+    assert result["status"] == "completed"
+    losses = [r["loss"] for r in read_metrics(tmp_path / "nd") if "loss" in r]
+    assert all(-1.0 <= x <= 0.0 for x in losses)  # the loss is -F1
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (
+            ("task=squad", "task.non_diff=true", "method=ft"),
+            "task.non_diff=true .* method.name='ft'",
+        ),
+        (("task=sst2", "task.non_diff=true", "method=mezo"), "needs a generation task"),
+        (("model=tiny-roberta", "method=icl"), "method.name=icl .* needs a causal model"),
+    ],
+)
+def test_config_errors(overrides, message, tmp_path):
+    with pytest.raises(ConfigError, match=message):
+        run_overrides(tmp_path / "bad", *overrides)
+
+
+def test_eval_bench_writes_throughput_json(tmp_path, monkeypatch):
+    from large_models import eval_bench
+
+    out = tmp_path / "bench.json"
+    argv = ["eval_bench", "--out", str(out), "--tasks", "cb,squad", "--rows", "2"]
+    monkeypatch.setattr("sys.argv", [*argv, "--single-rows", "1", "trainer.eval_batch_size=2"])
+    eval_bench.main()
+    report = json.loads(out.read_text())
+    assert report["model"] == "tiny-opt" and set(report["tasks"]) == {"cb", "squad"}
+    for name, kind in (("cb", "candidate scoring"), ("squad", "generation")):
+        result = report["tasks"][name]
+        assert result["kind"] == kind and result["agreement"] == 1.0
+        assert result["batched_examples_per_s"] > 0 and result["single_examples_per_s"] > 0

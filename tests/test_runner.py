@@ -1,0 +1,213 @@
+"""The shared runner end to end on tiny models: every method, both families, and its guarantees."""
+
+from __future__ import annotations
+
+import json
+
+import pandas as pd
+import pytest
+import torch
+from conftest import compose_config, read_metrics, run_overrides
+
+from lozo_exp import runner as runner_module
+from lozo_exp.config import ConfigError
+from lozo_exp.data import DataUnavailable, sample_path
+from lozo_exp.runner import Runner, TrainingDiverged
+from lozo_exp.tracking import MetricsLog
+
+FAST = ("trainer.max_steps=6", "trainer.eval_steps=3", "trainer.log_steps=2")
+TRAINED = ("mezo", "mezo-lora", "lozo", "lozo-m", "ft", "ft-lora")
+
+
+@pytest.mark.parametrize("model", ["tiny-opt", "tiny-roberta"])
+@pytest.mark.parametrize("method", [*TRAINED, "zero-shot"])
+def test_every_method_runs_end_to_end(tmp_path, model, method):
+    results = run_overrides(tmp_path, f"model={model}", f"method={method}", *FAST)
+    assert results["status"] == "completed"
+    assert (results["model"], results["task"], results["method"]) == (model, "sst2", method)
+    assert 0 <= results["test"]["accuracy"] <= 1 and 0 <= results["dev"]["accuracy"] <= 1
+    assert results["peak_mem_mb"] > 0 and results["wall_time_s"] > 0
+    records = read_metrics(tmp_path)
+    train = [r for r in records if "loss" in r]
+    dev = [r for r in records if r.get("split") == "dev"]
+    if method == "zero-shot":
+        assert results["steps"] == 0 and not train and len(dev) == 1
+        return
+    assert results["steps"] == 6 and [r["step"] for r in train] == [2, 4, 6]
+    assert [r["step"] for r in dev] == [3, 6]
+    for r in train:
+        assert {"step", "loss", "lr", "step_time_s", "mem_peak_mb"} <= set(r)
+        assert ("projected_grad" in r) == (method not in ("ft", "ft-lora"))
+    assert results["dev"]["accuracy"] == max(r["accuracy"] for r in dev)
+
+
+def _params(runner: Runner) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in runner.state.model.named_parameters()}
+
+
+@pytest.mark.parametrize(
+    "method, base_moves",
+    [("mezo-lora", False), ("ft-lora", False), ("mezo", True), ("lozo", True), ("ft", True)],
+)
+def test_methods_move_the_right_parameters(tmp_path, method, base_moves):
+    cfg = compose_config(f"method={method}", *FAST)
+    runner = Runner(cfg, tmp_path)
+    before = _params(runner)
+    runner.train(MetricsLog(tmp_path, cfg.logger, "t", {}))
+    after = _params(runner)
+    lora = [n for n in after if "lora_" in n]
+    base = [n for n in after if "lora_" not in n]
+    assert bool(lora) == method.endswith("-lora")
+    assert any(not torch.equal(before[n], after[n]) for n in (base if base_moves else lora))
+    if not base_moves:
+        assert all(torch.equal(before[n], after[n]) for n in base)
+
+
+def test_lozo_changes_each_matrix_by_low_rank(tmp_path):
+    cfg = compose_config(
+        "model=tiny-roberta", "method=lozo", "method.rank=2", "trainer.max_steps=1"
+    )
+    runner = Runner(cfg, tmp_path)
+    before = _params(runner)
+    runner.train(MetricsLog(tmp_path, cfg.logger, "t", {}))
+    for name, p in _params(runner).items():
+        if p.dim() == 2 and min(p.shape) > 2:
+            sv = torch.linalg.svdvals((p - before[name]).double())  # float32 rounding aside:
+            assert sv[2] < 1e-3 * sv[0], name  # rank 2
+
+
+def test_best_dev_state_is_used_for_test(tmp_path, monkeypatch):
+    cfg = compose_config("method=lozo", "trainer.max_steps=9", "trainer.eval_steps=3")
+    runner = Runner(cfg, tmp_path)
+    snapshots = []
+    dev_scores = iter([0.5, 0.9, 0.7])  # the best dev evaluation is the second (step 6)
+    real_evaluate = runner.adapter.evaluate
+
+    def fake_evaluate(rows, batch_size):
+        if rows is runner.splits.dev:
+            snapshots.append(_params(runner))
+            return {"accuracy": next(dev_scores)}
+        assert all(torch.equal(p, snapshots[1][n]) for n, p in _params(runner).items())
+        return real_evaluate(rows, batch_size)
+
+    monkeypatch.setattr(runner.adapter, "evaluate", fake_evaluate)
+    results = runner.run()
+    assert results["best_step"] == 6 and results["dev"] == {"accuracy": 0.9}
+    assert json.loads((tmp_path / "results.json").read_text())["best_step"] == 6
+
+
+@pytest.mark.parametrize("method", ["lozo-m", "ft"])
+def test_resume_from_run_state_is_exact(tmp_path, method):
+    def runner(steps: int, name: str) -> Runner:
+        cfg = compose_config(
+            f"method={method}",
+            f"trainer.max_steps={steps}",
+            "trainer.eval_steps=100",
+            "method.batch_size=5",
+        )
+        return Runner(cfg, tmp_path / name)
+
+    def train(r: Runner) -> None:
+        r.out_dir.mkdir(parents=True, exist_ok=True)
+        r.train(MetricsLog(r.out_dir, r.cfg.logger, "t", {}))
+
+    whole = runner(8, "whole")
+    train(whole)
+    first = runner(4, "first")
+    train(first)
+    state = first.state.state_dict()
+    torch.manual_seed(123)  # disturb the global generator: the state must carry it
+    second = runner(8, "second")
+    second.state.load_state_dict(state)
+    train(second)
+    assert second.state.step == 8 and (second.state.epoch, second.state.position) == (
+        whole.state.epoch,
+        whole.state.position,
+    )
+    for name, p in _params(whole).items():
+        assert torch.equal(p, _params(second)[name]), name
+
+
+def test_linear_schedule_decays_the_logged_lr(tmp_path):
+    run_overrides(tmp_path, "method=ft", "trainer.lr_schedule=linear", "method.lr=0.1", *FAST)
+    lrs = [r["lr"] for r in read_metrics(tmp_path) if "lr" in r]
+    assert lrs == pytest.approx([0.1 * (1 - s / 6) for s in (1, 3, 5)])  # lr of steps 2, 4, 6
+
+
+def test_non_finite_loss_stops_and_keeps_the_log(tmp_path, monkeypatch):
+    cfg = compose_config("method=lozo", "trainer.max_steps=20", "trainer.log_steps=2")
+    runner = Runner(cfg, tmp_path)
+    real_loss, calls = runner.adapter.loss, [0]
+
+    def loss(batch):
+        calls[0] += 1
+        return real_loss(batch) * (float("nan") if calls[0] > 10 else 1.0)  # step 6 on
+
+    monkeypatch.setattr(runner.adapter, "loss", loss)
+    with pytest.raises(TrainingDiverged, match="became nan at step 6"):
+        runner.run()
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["status"] == "diverged" and results["steps"] == 6
+    logged = [r for r in read_metrics(tmp_path) if "loss" in r]
+    assert [r["step"] for r in logged] == [2, 4, 6]
+
+
+def test_a_run_never_overwrites_another(tmp_path):
+    run_overrides(tmp_path, *FAST)
+    with pytest.raises(ConfigError, match="already holds a run"):
+        run_overrides(tmp_path, *FAST)
+
+
+def _write(df: pd.DataFrame, path) -> None:
+    if path.suffix == ".parquet":
+        df.to_parquet(path)
+    elif path.suffix == ".csv":
+        df.to_csv(path, index=False)
+    else:
+        df.to_json(path, orient="records", lines=True)
+
+
+def test_local_data_files_in_every_format(tmp_path):
+    splits = {s: pd.read_json(sample_path("sst2", s), lines=True) for s in ("train", "validation")}
+    for fmt in ("parquet", "csv", "jsonl"):
+        for split, df in splits.items():
+            _write(df, tmp_path / f"{split}.{fmt}")
+        results = run_overrides(
+            tmp_path / fmt,
+            "task.source=hub",
+            f"task.data_files.train={tmp_path / f'train.{fmt}'}",
+            f"task.data_files.validation={tmp_path / f'validation.{fmt}'}",
+            *FAST,
+        )
+        assert results["status"] == "completed"
+
+
+def test_bad_input_fails_before_any_model_is_loaded(tmp_path, monkeypatch):
+    def no_model(*args, **kwargs):
+        raise AssertionError("a model was loaded")
+
+    monkeypatch.setattr(runner_module, "load_model", no_model)
+    with pytest.raises(DataUnavailable, match=r"task\.data_files\.train=/path/train\.parquet"):
+        Runner(compose_config("model=opt-13b", "method=lozo"), tmp_path / "a")  # hub offline
+    with pytest.raises(ConfigError, match=r"method\.rank=0"):
+        Runner(compose_config("method=lozo", "method.rank=0"), tmp_path / "b")
+    with pytest.raises(ConfigError, match="does not exist"):
+        Runner(compose_config("task.data_files.train=/no/such.csv"), tmp_path / "c")
+
+
+def test_wandb_logger_gets_the_same_records(tmp_path, monkeypatch):
+    wandb = pytest.importorskip("wandb")
+    logged = []
+
+    class FakeRun:
+        def log(self, record, step):
+            logged.append((step, record))
+
+        def finish(self):
+            logged.append("finished")
+
+    monkeypatch.setattr(wandb, "init", lambda **kwargs: FakeRun())
+    run_overrides(tmp_path, "logger=wandb", *FAST)
+    records = read_metrics(tmp_path)
+    assert logged[-1] == "finished" and len(logged) - 1 == len(records)
+    assert [step for step, _ in logged[:-1]] == [r["step"] for r in records]
