@@ -242,6 +242,9 @@ class Runner:
         except TrainingDiverged as err:
             results.update(status="diverged", error=str(err))
             raise
+        except BaseException as err:  # out of memory, Ctrl-C, a bug: keep what is known
+            results.update(status="failed", error=f"{type(err).__name__}: {err}")
+            raise
         finally:
             results.update(
                 steps=self.state.step,

@@ -152,6 +152,20 @@ def test_non_finite_loss_stops_and_keeps_the_log(tmp_path, monkeypatch):
     assert [r["step"] for r in logged] == [2, 4, 6]
 
 
+def test_an_interrupted_run_still_writes_its_results(tmp_path, monkeypatch):
+    runner = Runner(compose_config("method=mezo", *FAST), tmp_path)
+
+    def interrupt(rows, batch_size):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(runner.adapter, "evaluate", interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        runner.run()
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["status"] == "failed" and results["steps"] == 3
+    assert [r["step"] for r in read_metrics(tmp_path) if "loss" in r] == [2]
+
+
 def test_a_run_never_overwrites_another(tmp_path):
     run_overrides(tmp_path, *FAST)
     with pytest.raises(ConfigError, match="already holds a run"):
