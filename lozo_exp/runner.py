@@ -118,10 +118,10 @@ class Runner:
         adapter_cls: type[Adapter] = adapter_class(family)
         self.splits: Splits = adapter_cls.build_splits(task, cfg.task)
         log.info(
-            "data: %d train, %d dev, %s test",
+            "data: %d train, %d dev; test sets: %s",
             len(self.splits.train),
             len(self.splits.dev),
-            ", ".join(f"{len(v)} {k}" for k, v in self.splits.test.items()),
+            ", ".join(f"{k} {len(v)}" for k, v in self.splits.test.items()),
         )
         tokenizer = load_tokenizer(cfg.model)
         adapter_cls.check(task, tokenizer)
