@@ -28,7 +28,7 @@ from lozo_exp.adapter import load_task
 from lozo_exp.config import ConfigError, RunConfig, register_configs, validate
 from lozo_exp.data import load_rows
 from lozo_exp.models import load_model, load_tokenizer
-from lozo_exp.runner import _device, _sync
+from lozo_exp.tracking import resolve_device, synchronize
 
 log = logging.getLogger("eval_bench")
 CONF = Path(__file__).resolve().parents[1] / "conf"
@@ -46,14 +46,14 @@ def _compose(overrides: list[str]) -> RunConfig:
 
 
 def _timed(adapter: CausalLMAdapter, rows: list[dict], batch_size: int) -> tuple[list, float]:
-    _sync(adapter.device)
+    synchronize(adapter.device)
     start = time.perf_counter()
     predictions = [
         p
         for i in range(0, len(rows), batch_size)
         for p in adapter.predict(rows[i : i + batch_size])
     ]
-    _sync(adapter.device)
+    synchronize(adapter.device)
     return predictions, time.perf_counter() - start
 
 
@@ -96,7 +96,7 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
 
     cfg = _compose(args.overrides)
-    device = _device(cfg.trainer.device)
+    device = resolve_device(cfg.trainer.device)
     tokenizer = load_tokenizer(cfg.model)
     torch.manual_seed(cfg.seed)
     model = load_model(cfg.model, tokenizer).to(device).eval()

@@ -43,6 +43,7 @@ from torch import Tensor, nn
 from lozo_exp.config import RunConfig, validate
 from lozo_exp.models import load_model, load_tokenizer
 from lozo_exp.optim import LOZO, LOZOM, FastEngine, MeZO, ZeroOrderOptimizer, philox
+from lozo_exp.tracking import synchronize
 
 log = logging.getLogger("lozo_exp.bench")
 
@@ -151,16 +152,11 @@ class PublishedStep:
 # -- timing ------------------------------------------------------------------------------
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def time_fn(fn: Callable[[], Any], device: torch.device, warmup: int, repeats: int) -> dict:
     """Median / min / max milliseconds of ``fn`` and the peak memory allocated while it ran."""
     for _ in range(warmup):
         fn()
-    _sync(device)
+    synchronize(device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     times = []

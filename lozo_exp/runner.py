@@ -25,7 +25,14 @@ from lozo_exp.data import Row, Splits
 from lozo_exp.methods import build_optimizer, make_closure, prepare_model, set_learning_rate
 from lozo_exp.models import load_model, load_tokenizer
 from lozo_exp.optim import ZeroOrderOptimizer
-from lozo_exp.tracking import MetricsLog, Progress, peak_memory_mb, require_wandb
+from lozo_exp.tracking import (
+    MetricsLog,
+    Progress,
+    peak_memory_mb,
+    require_wandb,
+    resolve_device,
+    synchronize,
+)
 
 log = logging.getLogger(__name__)
 
@@ -84,12 +91,6 @@ class RunState:
             setattr(self, k, state[k])
 
 
-def _device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
 def _check_output_dir(out_dir: Path) -> None:
     taken = [f for f in ("metrics.jsonl", "results.json") if (out_dir / f).exists()]
     if taken:
@@ -97,11 +98,6 @@ def _check_output_dir(out_dir: Path) -> None:
             f"output directory {out_dir} already holds a run ({', '.join(taken)}); "
             f"a run never overwrites another: choose a new hydra.run.dir"
         )
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 class Runner:
@@ -127,7 +123,7 @@ class Runner:
         adapter_cls.check(task, tokenizer)
         # Everything expensive starts here.
         torch.manual_seed(cfg.seed)
-        self.device = _device(cfg.trainer.device)
+        self.device = resolve_device(cfg.trainer.device)
         model = load_model(cfg.model, tokenizer).to(self.device)
         model = prepare_model(model, cfg.method, cfg.model)
         self.adapter = adapter_cls(model, tokenizer, task, cfg.model)
@@ -158,7 +154,7 @@ class Runner:
             )
             start = time.perf_counter()
             loss = float(optimizer.step(make_closure(optimizer, self.adapter, batch)).detach())
-            _sync(self.device)
+            synchronize(self.device)
             times.append(time.perf_counter() - start)
             losses.append(loss)
             state.step += 1

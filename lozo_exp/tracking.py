@@ -55,6 +55,19 @@ class MetricsLog:
             self.wandb.finish()
 
 
+def resolve_device(name: str) -> torch.device:
+    """`trainer.device`: "auto" is CUDA when available, else the CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for queued GPU work, so host clocks time what ran."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def peak_memory_mb(device: torch.device, reset: bool = True) -> float:
     """Peak GPU memory allocated since the last reset; on CPU, the process's peak RSS."""
     if device.type == "cuda":
