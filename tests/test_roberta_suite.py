@@ -100,5 +100,5 @@ def test_a_run_reads_the_split_directory_named_by_data_dir(run_dir, tmp_path, ca
             run_dir, *FAST, "task=trec", "method=mezo", f"task.data_dir={folder}"
         )
     assert f"k-shot split {folder} (built from bundled miniature LM-BFF archive)" in caplog.text
-    assert "data: 18 train, 18 dev, 9 test test" in caplog.text
+    assert "data: 18 train, 18 dev; test sets: test 9" in caplog.text
     assert results["status"] == "completed"
