@@ -35,9 +35,13 @@ def small_opt() -> nn.Module:
     return OPTForCausalLM(config).double().eval()
 
 
-def make_opt(cls: type[ZeroOrderOptimizer], model: nn.Module, eps=1e-3) -> ZeroOrderOptimizer:
+def make_opt(
+    cls: type[ZeroOrderOptimizer], model: nn.Module, eps=1e-3, named=True
+) -> ZeroOrderOptimizer:
+    """Named parameters: no decay on biases and LayerNorms; unnamed: every tensor decays."""
     kw = {} if cls is MeZO else {"rank": 2, "interval": 4}
-    return cls(model.named_parameters(), lr=1e-2, eps=eps, weight_decay=0.1, seed=7, **kw)
+    params = model.named_parameters() if named else model.parameters()
+    return cls(params, lr=1e-2, eps=eps, weight_decay=0.1, seed=7, **kw)
 
 
 def batch(model: nn.Module, seed: int = 0) -> torch.Tensor:
@@ -46,10 +50,12 @@ def batch(model: nn.Module, seed: int = 0) -> torch.Tensor:
     return ids.to(next(model.parameters()).device)
 
 
-def trajectory(model: nn.Module, cls, fast: bool, steps: int, eps=1e-3) -> tuple[list, list]:
+def trajectory(
+    model: nn.Module, cls, fast: bool, steps: int, eps=1e-3, named=True
+) -> tuple[list, list]:
     """Losses and flattened weights after each step, on a fresh copy of ``model``."""
     model = copy.deepcopy(model)
-    opt = make_opt(cls, model, eps)
+    opt = make_opt(cls, model, eps, named)
     if fast:
         FastEngine(opt, model)
     losses, weights = [], []
@@ -77,10 +83,11 @@ def test_fast_equals_plain_in_float32(name, cls, device):
         assert (a - b).abs().max() < 1e-3 * moved
 
 
+@pytest.mark.parametrize("named", [True, False])
 @pytest.mark.parametrize("cls", ALL)
-def test_fifty_step_trajectories_identical_in_float64(cls):
+def test_fifty_step_trajectories_identical_in_float64(cls, named):
     model = small_opt()
-    (lp, wp), (lf, wf) = (trajectory(model, cls, f, steps=50) for f in (False, True))
+    (lp, wp), (lf, wf) = (trajectory(model, cls, f, 50, named=named) for f in (False, True))
     torch.testing.assert_close(torch.tensor(lf), torch.tensor(lp), rtol=1e-12, atol=0)
     for a, b in zip(wf, wp, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)

@@ -100,9 +100,10 @@ class FastEngine:
                 type(optimizer).__name__,
                 n_params,
             )
-        # LOZO's 1-D tensors (biases, LayerNorms: hundreds of tiny tensors) move with
-        # multi-tensor ops: a few launches per pass instead of one per tensor.
-        self.small = {i for i, _, p in optimizer._indexed_params() if low_rank and p.dim() < 2}
+        # 1-D tensors (biases, LayerNorms: hundreds of tiny tensors) move with multi-tensor ops
+        # on draws made once per step: a few launches per pass instead of one per tensor.
+        self.small = {i for i, _, p in optimizer._indexed_params() if p.dim() < 2}
+        self.small_draws: tuple[list[Tensor], list[Tensor], list[tuple[int, dict, Tensor]]]
         self.scale = 0.0
         self.hook_factors: dict[int, tuple[Tensor, Tensor]] = {}
         optimizer.engine = self
@@ -117,6 +118,7 @@ class FastEngine:
             for i, _, p in opt._indexed_params():
                 if i in self.side:  # the hooks read these padded copies of the kept draws
                     self.hook_factors[i] = _pad_rank(*opt._direction(i, p))
+            self.small_draws = self._small()
             with self._side_path():
                 self.scale = eps
                 self._perturb_in_place(eps)
@@ -128,6 +130,7 @@ class FastEngine:
         finally:
             opt._draws = None
             self.hook_factors = {}
+            self.small_draws = ([], [], [])
         return loss1
 
     def _small(self) -> tuple[list[Tensor], list[Tensor], list[tuple[int, dict, Tensor]]]:
@@ -138,7 +141,7 @@ class FastEngine:
 
     def _perturb_in_place(self, scale: float) -> None:
         opt = self.opt
-        ps, zs, _ = self._small()
+        ps, zs, _ = self.small_draws
         if ps:
             torch._foreach_add_(ps, zs, alpha=scale)
         for i, _, p in opt._indexed_params():
@@ -180,22 +183,27 @@ class FastEngine:
 
     def _restore_and_update_small(self, g: float | None) -> None:
         """The plain path's restore and update, as multi-tensor ops over the 1-D tensors."""
-        ps, zs, entries = self._small()
+        ps, zs, entries = self.small_draws
         if not ps:
             return
-        torch._foreach_add_(ps, zs, alpha=self.opt.eps)
-        if g is None:
-            return
+        eps = self.opt.eps
+        if g is None or not self.fused_sgd:
+            torch._foreach_add_(ps, zs, alpha=eps)
+            if g is None:
+                return
         groups: dict[int, tuple[dict, list[Tensor], list[Tensor]]] = {}
-        for i, group, p in entries:
-            d, _ = self.opt._update_direction(i, p, g)
+        for (i, group, p), z in zip(entries, zs, strict=True):
+            # ZO-SGD: D = g·z, so restore and update are one add; else the estimator's D.
+            d = z if self.fused_sgd else self.opt._update_direction(i, p, g)[0]
             _, gp, gd = groups.setdefault(id(group), (group, [], []))
             gp.append(p)
             gd.append(d)
         for group, gp, gd in groups.values():
-            if group["weight_decay"]:
-                torch._foreach_mul_(gp, 1 - group["lr"] * group["weight_decay"])
-            torch._foreach_add_(gp, gd, alpha=-group["lr"])
+            beta = 1 - group["lr"] * group["weight_decay"]
+            if beta != 1:
+                torch._foreach_mul_(gp, beta)
+            alpha = beta * eps - group["lr"] * g if self.fused_sgd else -group["lr"]
+            torch._foreach_add_(gp, gd, alpha=alpha)
 
     # -- the side path ----------------------------------------------------------------------
 
