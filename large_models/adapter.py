@@ -88,18 +88,13 @@ class CausalLMAdapter(Adapter):
         return seqs
 
     def _pad(self, seqs: list[tuple[list[int], int]]) -> Batch:
-        width = max(len(ids) for ids, _ in seqs)
-        pad = self.tokenizer.pad_token_id
-        input_ids = torch.full((len(seqs), width), pad, dtype=torch.long)
-        attention_mask = torch.zeros((len(seqs), width), dtype=torch.long)
-        for i, (ids, _) in enumerate(seqs):
-            input_ids[i, width - len(ids) :] = torch.tensor(ids)
-            attention_mask[i, width - len(ids) :] = 1
-        option_lens = torch.tensor([n for _, n in seqs])
+        """Left-padded sequences (options end at the last position) and their option lengths."""
+        input_ids, attention_mask = self.pad([ids for ids, _ in seqs], left=True)
+        option_lens = torch.tensor([n for _, n in seqs], device=self.device)
         return {
-            "input_ids": input_ids.to(self.device),
-            "attention_mask": attention_mask.to(self.device),
-            "option_lens": option_lens.to(self.device),
+            "input_ids": input_ids,
+            "attention_mask": attention_mask,
+            "option_lens": option_lens,
         }
 
     def _candidate_batch(self, prompted: list[Prompted]) -> Batch:

@@ -71,6 +71,17 @@ class Adapter(ABC):
         self.model.train(was_training)
         return {k: sum(s[k] for s in scores) / len(scores) for k in scores[0]} if scores else {}
 
+    def pad(self, seqs: list[list[int]], left: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """Token ids and attention mask of `seqs` padded to one width, on the model's device."""
+        width = max(map(len, seqs))
+        input_ids = torch.full((len(seqs), width), self.tokenizer.pad_token_id, dtype=torch.long)
+        attention_mask = torch.zeros((len(seqs), width), dtype=torch.long)
+        for i, ids in enumerate(seqs):
+            span = slice(width - len(ids), width) if left else slice(0, len(ids))
+            input_ids[i, span] = torch.tensor(ids)
+            attention_mask[i, span] = 1
+        return input_ids.to(self.device), attention_mask.to(self.device)
+
     @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device

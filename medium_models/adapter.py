@@ -26,7 +26,7 @@ class MaskedLMAdapter(Adapter):
         self.max_length = min(model_cfg.max_length, task.max_length)
         words = label_word_ids(task.label_words, tokenizer)
         self.labels = list(words)  # label value -> class index by position
-        self.word_ids = torch.tensor(list(words.values()))
+        self.word_ids = torch.tensor(list(words.values()), device=self.device)
         net = model.get_base_model() if hasattr(model, "get_base_model") else model
         self.encoder = getattr(net, net.base_model_prefix)
         self.lm_head = net.lm_head
@@ -48,19 +48,14 @@ class MaskedLMAdapter(Adapter):
             )
             for r in rows
         ]
-        width = max(map(len, seqs))
-        input_ids = torch.full((len(seqs), width), self.tokenizer.pad_token_id)
-        attention_mask = torch.zeros((len(seqs), width), dtype=torch.long)
-        for i, ids in enumerate(seqs):
-            input_ids[i, : len(ids)] = torch.tensor(ids)
-            attention_mask[i, : len(ids)] = 1
+        input_ids, attention_mask = self.pad(seqs, left=False)
         mask_pos = (input_ids == self.tokenizer.mask_token_id).int().argmax(-1)
-        labels = torch.tensor([self.labels.index(t.label(r)) for r in rows])
+        labels = torch.tensor([self.labels.index(t.label(r)) for r in rows], device=self.device)
         return {
-            k: v.to(self.device)
-            for k, v in dict(
-                input_ids=input_ids, attention_mask=attention_mask, mask_pos=mask_pos, labels=labels
-            ).items()
+            "input_ids": input_ids,
+            "attention_mask": attention_mask,
+            "mask_pos": mask_pos,
+            "labels": labels,
         }
 
     def _label_logits(self, batch: Batch) -> torch.Tensor:
@@ -68,7 +63,7 @@ class MaskedLMAdapter(Adapter):
             input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
         ).last_hidden_state
         at_mask = hidden[torch.arange(hidden.shape[0], device=hidden.device), batch["mask_pos"]]
-        return self.lm_head(at_mask)[:, self.word_ids.to(hidden.device)].float()
+        return self.lm_head(at_mask)[:, self.word_ids].float()
 
     def loss(self, batch: Batch) -> torch.Tensor:
         return F.cross_entropy(self._label_logits(batch), batch["labels"])
