@@ -42,7 +42,7 @@ from torch import Tensor, nn
 
 from lozo_exp.config import RunConfig, validate
 from lozo_exp.models import load_model, load_tokenizer
-from lozo_exp.optim import LOZO, LOZOM, FastEngine, MeZO, ZeroOrderOptimizer, philox
+from lozo_exp.optim import LOZO, LOZOM, FastEngine, MeZO, ZeroOrderOptimizer, kernels
 from lozo_exp.tracking import synchronize
 
 log = logging.getLogger("lozo_exp.bench")
@@ -183,11 +183,11 @@ def time_fn(fn: Callable[[], Any], device: torch.device, warmup: int, repeats: i
 
 @contextmanager
 def _triton(enabled: bool) -> Iterator[None]:
-    philox.set_enabled(enabled)
+    kernels.set_enabled(enabled)
     try:
         yield
     finally:
-        philox.set_enabled(True)
+        kernels.set_enabled(True)
 
 
 class Bench:

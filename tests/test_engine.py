@@ -14,7 +14,7 @@ from transformers import OPTConfig, OPTForCausalLM
 from lozo_exp.config import ConfigError, validate
 from lozo_exp.methods import build_optimizer
 from lozo_exp.models import load_model, load_tokenizer
-from lozo_exp.optim import LOZO, LOZOM, FastEngine, MeZO, ZeroOrderOptimizer, philox
+from lozo_exp.optim import LOZO, LOZOM, FastEngine, MeZO, ZeroOrderOptimizer, kernels
 
 ALL = [LOZO, LOZOM, MeZO]
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
@@ -51,13 +51,14 @@ def batch(model: nn.Module, seed: int = 0) -> torch.Tensor:
 
 
 def trajectory(
-    model: nn.Module, cls, fast: bool, steps: int, eps=1e-3, named=True
+    model: nn.Module, cls, fast: str | None, steps: int, eps=1e-3, named=True
 ) -> tuple[list, list]:
-    """Losses and flattened weights after each step, on a fresh copy of ``model``."""
+    """Losses and flattened weights after each step, on a fresh copy of ``model``; ``fast`` is
+    the engine's placement (None: the plain path)."""
     model = copy.deepcopy(model)
     opt = make_opt(cls, model, eps, named)
     if fast:
-        FastEngine(opt, model)
+        FastEngine(opt, model, placement=fast)
     losses, weights = [], []
     for k in range(steps):
         ids = batch(model, k)
@@ -67,14 +68,18 @@ def trajectory(
     return losses, weights
 
 
+PLACEMENTS = ["auto", "side", "in_place"]
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("name", ["tiny-opt", "tiny-roberta"])
-@pytest.mark.parametrize("cls", ALL)
-def test_fast_equals_plain_in_float32(name, cls, device):
+@pytest.mark.parametrize(("cls", "placement"), [(c, p) for c in ALL for p in PLACEMENTS
+                                                if c is not MeZO or p == "auto"])  # fmt: skip
+def test_fast_equals_plain_in_float32(name, cls, placement, device):
     # g = Δloss / 2ε carries the float32 rounding of the losses times 1/2ε, so the updates
     # agree to about 1e-3 of their size; ε = 1e-2 keeps that well inside the tolerance.
     model = tiny_model(name, "float32", device)
-    (lp, wp), (lf, wf) = (trajectory(model, cls, f, steps=3, eps=1e-2) for f in (False, True))
+    (lp, wp), (lf, wf) = (trajectory(model, cls, f, steps=3, eps=1e-2) for f in (None, placement))
     start = torch.cat([p.detach().flatten() for p in model.parameters()])
     torch.testing.assert_close(torch.tensor(lf), torch.tensor(lp), rtol=1e-5, atol=1e-5)
     for a, b in zip(wf, wp, strict=True):
@@ -83,11 +88,15 @@ def test_fast_equals_plain_in_float32(name, cls, device):
         assert (a - b).abs().max() < 1e-3 * moved
 
 
+@pytest.mark.parametrize("placement", PLACEMENTS)
 @pytest.mark.parametrize("named", [True, False])
 @pytest.mark.parametrize("cls", ALL)
-def test_fifty_step_trajectories_identical_in_float64(cls, named):
+def test_fifty_step_trajectories_identical_in_float64(cls, named, placement):
+    if cls is MeZO and placement != "auto":
+        pytest.skip("MeZO has no side path")
     model = small_opt()
-    (lp, wp), (lf, wf) = (trajectory(model, cls, f, 50, named=named) for f in (False, True))
+    runs = (trajectory(model, cls, f, 50, named=named) for f in (None, placement))
+    (lp, wp), (lf, wf) = runs
     torch.testing.assert_close(torch.tensor(lf), torch.tensor(lp), rtol=1e-12, atol=0)
     for a, b in zip(wf, wp, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
@@ -98,7 +107,7 @@ def test_fifty_step_trajectories_identical_in_float64(cls, named):
 def test_side_path_weights_bit_identical_during_both_evaluations(name, cls):
     model = tiny_model(name, "float32")
     opt = make_opt(cls, model)
-    engine = FastEngine(opt, model)
+    engine = FastEngine(opt, model, placement="side")
     side = [p for i, _, p in opt._indexed_params() if i in engine.side]
     ids = batch(model)
     for _ in range(2):
@@ -112,7 +121,35 @@ def test_side_path_weights_bit_identical_during_both_evaluations(name, cls):
 
         opt.step(closure)
         assert len(seen) == 2 and seen[0] != seen[1]  # the side path did perturb the loss
-    assert not any(m._forward_hooks for m in model.modules())  # hooks gone after the step
+    assert not any("forward" in vars(m) for m in model.modules())  # forwards restored
+
+
+def test_auto_placement_moves_a_linear_in_place_when_its_pass_is_cheaper():
+    """T tokens: in place iff T·(n + 2m) > 2mn. small_opt at 30 tokens: the 32×32 projections
+    (threshold 21.3) and fc1 64×32 (25.6) go in place, fc2 32×64 (32) and the tied embedding /
+    LM head stay on the side path; at 20 tokens all stay there."""
+    model = small_opt()
+    opt = make_opt(LOZO, model)
+    engine = FastEngine(opt, model)
+    by_id = {id(p): n for n, p in model.named_parameters()}
+    names = {i: by_id[id(p)] for i, _, p in opt._indexed_params()}
+    for length, expected in (
+        (10, {"q_proj", "k_proj", "v_proj", "out_proj", "fc1"}),
+        (20 // 3, set()),
+    ):
+        ids = batch(model)[:, :length]
+        seen = []
+
+        def closure(ids=ids, seen=seen):
+            loss = model(input_ids=ids, labels=ids).loss
+            seen.append({names[i].split(".")[-2] for i in engine.in_place})
+            return loss
+
+        opt.step(closure)
+        assert seen == [expected, expected]
+        assert engine.in_place == set()  # reset after the step
+    with pytest.raises(ValueError, match="placement='fastest' is not one of auto, side, in_place"):
+        FastEngine(opt, model, placement="fastest")
 
 
 def test_side_path_covers_opt_and_roberta_module_types(caplog):
@@ -168,14 +205,38 @@ def test_method_engine_selects_the_path_and_is_validated():
         validate(compose_config("method.engine=turbo"))
 
 
-@pytest.mark.skipif(not philox.available(torch.device("cuda")), reason="needs CUDA and Triton")
+@pytest.mark.skipif(not kernels.available(torch.device("cuda")), reason="needs CUDA and Triton")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_triton_lowrank_update_matches_addmm(dtype):
+    gen = torch.Generator("cuda").manual_seed(0)
+    w, a, b = (torch.randn(s, device="cuda", generator=gen).to(dtype)
+               for s in ((1000, 3000), (1000, 3), (3000, 3)))  # fmt: skip
+    expected = (0.9 * w.double() + 0.5 * a.double() @ b.double().T).to(dtype)
+    kernels.lowrank_add_(w, a, b, 0.5, 0.9)
+    torch.testing.assert_close(w, expected)  # float32 accumulation, one rounding
+
+
+@pytest.mark.skipif(not kernels.available(torch.device("cuda")), reason="needs CUDA and Triton")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_triton_draws_are_gaussian_and_the_fused_pass_matches_them(dtype):
-    z = philox.normal((3, 1_000_003), 12345, dtype, torch.device("cuda")).float()
+    z = kernels.normal((3, 1_000_003), 12345, dtype, torch.device("cuda")).float()
     assert abs(z.mean().item()) < 3e-3 and abs(z.std().item() - 1) < 3e-3
-    assert not torch.equal(z, philox.normal(z.shape, 12346, dtype, z.device).float())
+    assert not torch.equal(z, kernels.normal(z.shape, 12346, dtype, z.device).float())
     p = torch.randn(z.shape, device="cuda", dtype=dtype)
     expected = 0.9 * p.float() + 0.25 * z
-    philox.axpbz_(p, 12345, 0.9, 0.25)
+    kernels.axpbz_(p, 12345, 0.9, 0.25)
     torch.testing.assert_close(p.float(), expected, rtol=1e-3 if dtype == torch.float16 else 1e-6,
                                atol=1e-3 if dtype == torch.float16 else 1e-6)  # fmt: skip
+
+
+@pytest.mark.skipif(not kernels.available(torch.device("cuda")), reason="needs CUDA and Triton")
+def test_draws_made_together_equal_the_fused_pass_draw_of_each_tensor():
+    shapes = [(5,), (3, 4097), (1,), (2, 8192), (7, 3)]
+    keys = [11, 2**62 + 5, 13, 14, 15]
+    many = kernels.normal_many(shapes, keys, torch.float32, torch.device("cuda"))
+    for shape, key, z in zip(shapes, keys, many, strict=True):
+        assert torch.equal(z, kernels.normal(shape, key, torch.float32, z.device))
+        p = torch.zeros(shape, device="cuda")
+        kernels.axpbz_(p, key, 0.0, 1.0)  # p = z, regenerated one program per block
+        assert torch.equal(p, z)
+    assert not torch.equal(many[3][0, :5], many[4].flatten()[:5])

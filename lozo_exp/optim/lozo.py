@@ -34,20 +34,23 @@ class LOZO(ZeroOrderOptimizer):
         """Whether V is redrawn at the current step (step 0 included)."""
         return self.step_count % self.interval == 0
 
-    def _factors(self, index: int, p: Tensor) -> Factors:
-        if p.dim() < 2:
-            return self._randn(p, p.shape, index, "z"), None
-        m = p.size(0)
-        return self._randn(p, (m, self.rank), index, "U"), self._v(index, p, p.numel() // m)
+    def _factors(self, entries: list[tuple[int, Tensor]]) -> list[Factors]:
+        draws = [
+            (p, tuple(p.shape), i, "z") if p.dim() < 2 else (p, (p.size(0), self.rank), i, "U")
+            for i, p in entries
+        ]
+        vs = self._vs([(i, p) for i, p in entries if p.dim() >= 2])
+        return [(d, vs.get(i)) for (i, _), d in zip(entries, self._randn(draws), strict=True)]
 
-    def _v(self, index: int, p: Tensor, n: int) -> Tensor:
-        """This interval's V: the stored one, or a draw keyed by the interval's first step
-        (on refresh steps, and for a tensor that has no stored V yet)."""
-        v = self.state[p].get("V")
-        if v is None or self._refresh:
-            start = self.step_count - self.step_count % self.interval
-            v = self._randn(p, (n, self.rank), index, "V", step=start)
-        return v
+    def _vs(self, matrices: list[tuple[int, Tensor]]) -> dict[int, Tensor]:
+        """This interval's V of each matrix: the stored one, or a draw keyed by the interval's
+        first step (on refresh steps, and for a tensor that has no stored V yet)."""
+        vs = {i: self.state[p].get("V") for i, p in matrices}
+        new = [(i, p) for i, p in matrices if vs[i] is None or self._refresh]
+        start = self.step_count - self.step_count % self.interval
+        draws = [(p, (p.numel() // p.size(0), self.rank), i, "V") for i, p in new]
+        vs.update(zip((i for i, _ in new), self._randn(draws, step=start), strict=True))
+        return vs
 
     def _update_direction(self, index: int, p: Tensor, g: float) -> Factors:
         gu, v = super()._update_direction(index, p, g)
@@ -82,8 +85,8 @@ class LOZOM(LOZO):
         v_old = state.get("V")
         gu, v = super()._update_direction(index, p, g)
         buf = state.get("momentum")
-        if buf is None:  # first step: N = g·U (M = g·z)
-            buf = state["momentum"] = gu
+        if buf is None:  # first step: N = g·U (M = g·z); a copy, not a view of the step's draws
+            buf = state["momentum"] = gu.clone()
         else:
             if v is not None and self._refresh:
                 buf = state["momentum"] = buf @ (v_old.T @ v) / v.size(0)

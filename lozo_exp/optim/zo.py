@@ -10,6 +10,7 @@ is never touched.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
@@ -18,10 +19,13 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from lozo_exp.optim import philox
+from lozo_exp.optim import kernels
 
 Factors = tuple[Tensor, Tensor | None]
 """Direction of one tensor: (z, None) means d = z; (U, V) means d = U·Vᵀ on its m×n view."""
+
+Draw = tuple[Tensor, tuple[int, ...], int, str]
+"""A keyed draw: (tensor whose dtype and device it takes, shape, tensor index, kind)."""
 
 Params = Iterable[Tensor] | Iterable[tuple[str, Tensor]] | Iterable[dict[str, Any]]
 
@@ -37,12 +41,16 @@ def _splitmix64(x: int) -> int:
     return x ^ (x >> 31)
 
 
+@functools.lru_cache(maxsize=64)
+def _step_key(seed: int, step: int) -> int:
+    """The hash of (seed, step), shared by every draw of a step (hundreds of tensors)."""
+    return _splitmix64(_splitmix64(seed & _MASK64) ^ (step & _MASK64))
+
+
 def draw_key(seed: int, step: int, index: int, kind: str) -> int:
     """64-bit generator seed; neighbouring (seed, step, index) tuples give unrelated streams."""
-    h = 0
-    for v in (seed, step, index, _KINDS[kind]):
-        h = _splitmix64(h ^ (v & _MASK64))
-    return h
+    h = _splitmix64(_step_key(seed, step) ^ (index & _MASK64))
+    return _splitmix64(h ^ _KINDS[kind])
 
 
 def default_param_groups(
@@ -138,8 +146,9 @@ class ZeroOrderOptimizer(Optimizer):
 
     # -- hooks ------------------------------------------------------------------------------
 
-    def _factors(self, index: int, p: Tensor) -> Factors:
-        """This step's direction factors of tensor ``index``; a pure function of the keys."""
+    def _factors(self, entries: list[tuple[int, Tensor]]) -> list[Factors]:
+        """This step's direction factors of each (index, tensor); pure functions of the keys.
+        Drawn together, so that on CUDA a few launches make the draws of all tensors."""
         raise NotImplementedError
 
     def _update_direction(self, index: int, p: Tensor, g: float) -> Factors:
@@ -168,10 +177,16 @@ class ZeroOrderOptimizer(Optimizer):
     def _direction(self, index: int, p: Tensor) -> Factors:
         """This step's factors of tensor ``index``: the engine's kept draw, or a fresh one."""
         if self._draws is None:
-            return self._factors(index, p)
+            return self._factors([(index, p)])[0]
         if index not in self._draws:
-            self._draws[index] = self._factors(index, p)
+            self._draws[index] = self._factors([(index, p)])[0]
         return self._draws[index]
+
+    def _keep_draws(self, entries: list[tuple[int, Tensor]]) -> None:
+        """Draw the factors of ``entries`` now, together, and keep them for this step."""
+        assert self._draws is not None, "an engine keeps draws only within its step"
+        for (i, _), f in zip(entries, self._factors(entries), strict=True):
+            self._draws[i] = f
 
     @staticmethod
     def _add_direction(
@@ -184,7 +199,7 @@ class ZeroOrderOptimizer(Optimizer):
                 p.mul_(beta)
             p.add_(a, alpha=alpha)
         elif p.is_contiguous():
-            p.view(a.size(0), -1).addmm_(a, b.T, beta=beta, alpha=alpha)
+            kernels.lowrank_add_(p.view(a.size(0), -1), a, b, alpha, beta)
         else:
             p.mul_(beta).add_((a @ b.T).view(p.shape), alpha=alpha)
 
@@ -195,23 +210,34 @@ class ZeroOrderOptimizer(Optimizer):
                 yield i, group, p
                 i += 1
 
-    def _randn(
-        self, p: Tensor, shape: Iterable[int], index: int, kind: str, step: int | None = None
-    ) -> Tensor:
-        """N(0, 1) draw in p's dtype and device, keyed by (seed, step, index, kind).
+    def _randn(self, draws: list[Draw], step: int | None = None) -> list[Tensor]:
+        """N(0, 1) draws in each tensor's dtype and device, keyed by (seed, step, index, kind).
 
-        On CUDA with Triton the draw is Triton's Philox (so a fused pass can regenerate it);
-        elsewhere one generator per device is re-seeded per draw: the same as a fresh
-        per-tensor generator, without allocating one each time.
+        On CUDA with Triton they are Triton's Philox (so a fused pass can regenerate them), made
+        in one launch per dtype; elsewhere one generator per device is re-seeded per draw: the
+        same as a fresh per-tensor generator, without allocating one each time.
         """
-        key = self._key(index, kind, step)
-        if philox.available(p.device):
-            return philox.normal(tuple(shape), key, p.dtype, p.device)
-        gen = self._generators.get(p.device)
-        if gen is None:
-            gen = self._generators[p.device] = torch.Generator(p.device)
-        gen.manual_seed(key)
-        return torch.randn(tuple(shape), generator=gen, dtype=p.dtype, device=p.device)
+        out: list[Tensor | None] = [None] * len(draws)
+        batches: dict[tuple[torch.dtype, torch.device], list[int]] = {}
+        for k, (p, shape, index, kind) in enumerate(draws):
+            key = self._key(index, kind, step)
+            if kernels.available(p.device):
+                batches.setdefault((p.dtype, p.device), []).append(k)
+                continue
+            gen = self._generators.get(p.device)
+            if gen is None:
+                gen = self._generators[p.device] = torch.Generator(p.device)
+            gen.manual_seed(key)
+            out[k] = torch.randn(shape, generator=gen, dtype=p.dtype, device=p.device)
+        for (dtype, device), ks in batches.items():
+            shapes = [draws[k][1] for k in ks]
+            keys = [self._key(draws[k][2], draws[k][3], step) for k in ks]
+            if len(ks) == 1:  # the plain path's one-at-a-time draws: no tables to send
+                out[ks[0]] = kernels.normal(shapes[0], keys[0], dtype, device)
+                continue
+            for k, z in zip(ks, kernels.normal_many(shapes, keys, dtype, device), strict=True):
+                out[k] = z
+        return out  # type: ignore[return-value]
 
     def _key(self, index: int, kind: str, step: int | None = None) -> int:
         return draw_key(self.seed, self.step_count if step is None else step, index, kind)
@@ -233,5 +259,6 @@ class ZeroOrderOptimizer(Optimizer):
 class MeZO(ZeroOrderOptimizer):
     """ZO-SGD with a full Gaussian direction z per tensor (Malladi et al., 2023)."""
 
-    def _factors(self, index: int, p: Tensor) -> Factors:
-        return self._randn(p, p.shape, index, "z"), None
+    def _factors(self, entries: list[tuple[int, Tensor]]) -> list[Factors]:
+        zs = self._randn([(p, tuple(p.shape), i, "z") for i, p in entries])
+        return [(z, None) for z in zs]
