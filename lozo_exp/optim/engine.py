@@ -284,11 +284,7 @@ class FastEngine:
             if index in self.in_place:
                 return out
             u, v = self.factors[index]
-            xv = x.reshape(-1, v.size(0)) @ v  # (tokens, r)
-            if out.is_contiguous():
-                kernels.lowrank_add_(out.view(-1, u.size(0)), xv, u, self.scale)
-            else:
-                out.add_((xv @ u.T).view(out.shape), alpha=self.scale)
+            self._add_term(out, x.reshape(-1, v.size(0)) @ v, u)  # ±ε·(x·V)·Uᵀ
             return out
 
         return forward
@@ -297,11 +293,14 @@ class FastEngine:
         def forward(ids: Tensor) -> Tensor:
             out = nn.Embedding.forward(module, ids)
             u, v = self.factors[index]
-            rows = F.embedding(ids, u).view(-1, u.size(1))  # U[ids]
-            if out.is_contiguous():
-                kernels.lowrank_add_(out.view(-1, v.size(0)), rows, v, self.scale)
-            else:
-                out.add_((rows @ v.T).view(out.shape), alpha=self.scale)
+            self._add_term(out, F.embedding(ids, u).view(-1, u.size(1)), v)  # ±ε·U[ids]·Vᵀ
             return out
 
         return forward
+
+    def _add_term(self, out: Tensor, a: Tensor, b: Tensor) -> None:
+        """out += scale·a·bᵀ, with a (tokens, r) and b (out features, r)."""
+        if out.is_contiguous():
+            kernels.lowrank_add_(out.view(-1, b.size(0)), a, b, self.scale)
+        else:
+            out.add_((a @ b.T).view(out.shape), alpha=self.scale)

@@ -218,24 +218,25 @@ class ZeroOrderOptimizer(Optimizer):
         same as a fresh per-tensor generator, without allocating one each time.
         """
         out: list[Tensor | None] = [None] * len(draws)
-        batches: dict[tuple[torch.dtype, torch.device], list[int]] = {}
+        batches: dict[tuple[torch.dtype, torch.device], list[tuple[int, int]]] = {}
         for k, (p, shape, index, kind) in enumerate(draws):
             key = self._key(index, kind, step)
             if kernels.available(p.device):
-                batches.setdefault((p.dtype, p.device), []).append(k)
+                batches.setdefault((p.dtype, p.device), []).append((k, key))
                 continue
             gen = self._generators.get(p.device)
             if gen is None:
                 gen = self._generators[p.device] = torch.Generator(p.device)
             gen.manual_seed(key)
             out[k] = torch.randn(shape, generator=gen, dtype=p.dtype, device=p.device)
-        for (dtype, device), ks in batches.items():
-            shapes = [draws[k][1] for k in ks]
-            keys = [self._key(draws[k][2], draws[k][3], step) for k in ks]
-            if len(ks) == 1:  # the plain path's one-at-a-time draws: no tables to send
-                out[ks[0]] = kernels.normal(shapes[0], keys[0], dtype, device)
+        for (dtype, device), batch in batches.items():
+            shapes = [draws[k][1] for k, _ in batch]
+            keys = [key for _, key in batch]
+            if len(batch) == 1:  # the plain path's one-at-a-time draws: no tables to send
+                out[batch[0][0]] = kernels.normal(shapes[0], keys[0], dtype, device)
                 continue
-            for k, z in zip(ks, kernels.normal_many(shapes, keys, dtype, device), strict=True):
+            zs = kernels.normal_many(shapes, keys, dtype, device)
+            for (k, _), z in zip(batch, zs, strict=True):
                 out[k] = z
         return out  # type: ignore[return-value]
 
