@@ -102,6 +102,30 @@ def test_fifty_step_trajectories_identical_in_float64(cls, named, placement):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("cls", [LOZO, LOZOM])
+def test_resume_mid_run_discards_the_draws_made_ahead(cls):
+    """The engine draws step t+1's factors during step t; loading a state from another step
+    (or another seed) must not use them."""
+    model = small_opt()
+    opt = make_opt(cls, model)
+    FastEngine(opt, model)
+    ids = batch(model)
+
+    def run(steps: int) -> list[torch.Tensor]:
+        for _ in range(steps):
+            opt.step(lambda: model(input_ids=ids, labels=ids).loss)
+        return [p.detach().clone() for p in model.parameters()]
+
+    run(3)  # V is redrawn at step 4 (interval 4): the resumed run crosses a refresh
+    saved = copy.deepcopy((model.state_dict(), opt.state_dict()))
+    first = run(3)
+    model.load_state_dict(saved[0])
+    opt.load_state_dict(copy.deepcopy(saved[1]))
+    again = run(3)
+    for a, b in zip(first, again, strict=True):
+        assert torch.equal(a, b)
+
+
 @pytest.mark.parametrize("name", ["tiny-opt", "tiny-roberta"])
 @pytest.mark.parametrize("cls", [LOZO, LOZOM])
 def test_side_path_weights_bit_identical_during_both_evaluations(name, cls):
@@ -214,6 +238,31 @@ def test_triton_lowrank_update_matches_addmm(dtype):
     expected = (0.9 * w.double() + 0.5 * a.double() @ b.double().T).to(dtype)
     kernels.lowrank_add_(w, a, b, 0.5, 0.9)
     torch.testing.assert_close(w, expected)  # float32 accumulation, one rounding
+    wide = torch.cat([a, torch.ones_like(a)], 1)  # a column slice: the side path's x·V[:, :r]
+    w2 = expected.clone()
+    kernels.lowrank_add_(w2, wide[:, :3], b, -0.5)
+    kernels.lowrank_add_(expected, a, b, -0.5)
+    assert torch.equal(w2, expected)
+
+
+@pytest.mark.skipif(not kernels.available(torch.device("cuda")), reason="needs CUDA and Triton")
+@pytest.mark.parametrize(
+    "shapes", [[(1000, 3000), (17, 5), (4096, 513), (1, 1)], [(64, 512), (5, 4096), (700, 1024)]]
+)  # widths not all multiples of 16, and all (the kernel then loads W's rows as vectors)
+def test_many_lowrank_updates_in_one_launch_equal_one_at_a_time(shapes):
+    gen = torch.Generator("cuda").manual_seed(0)
+    ws = [torch.randn(s, device="cuda", generator=gen).half() for s in shapes]
+    factors = [
+        tuple(torch.randn(k, 2, device="cuda", generator=gen).half() for k in shape)
+        for shape in shapes
+    ]
+    alphas, betas = [0.5, -1.0, 2.0, 0.25][: len(shapes)], [0.9, 1.0, 0.5, 1.0][: len(shapes)]
+    expected = [w.clone() for w in ws]
+    for w, (a, b), alpha, beta in zip(expected, factors, alphas, betas, strict=True):
+        kernels.lowrank_add_(w, a, b, alpha, beta)
+    kernels.lowrank_add_many_(ws, factors, alphas, betas)
+    for w, e in zip(ws, expected, strict=True):
+        assert torch.equal(w, e)
 
 
 @pytest.mark.skipif(not kernels.available(torch.device("cuda")), reason="needs CUDA and Triton")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor
 
 from lozo_exp.optim.zo import Factors, Params, ZeroOrderOptimizer, _require
@@ -29,34 +30,36 @@ class LOZO(ZeroOrderOptimizer):
         self.rank = rank
         self.interval = interval
 
-    @property
-    def _refresh(self) -> bool:
-        """Whether V is redrawn at the current step (step 0 included)."""
-        return self.step_count % self.interval == 0
+    def _start(self, step: int) -> int:
+        """The first step of ``step``'s interval: V is drawn keyed by it."""
+        return step - step % self.interval
 
-    def _factors(self, entries: list[tuple[int, Tensor]]) -> list[Factors]:
+    def _factors(self, entries: list[tuple[int, Tensor]], step: int) -> list[Factors]:
         draws = [
             (p, tuple(p.shape), i, "z") if p.dim() < 2 else (p, (p.size(0), self.rank), i, "U")
             for i, p in entries
         ]
-        vs = self._vs([(i, p) for i, p in entries if p.dim() >= 2])
-        return [(d, vs.get(i)) for (i, _), d in zip(entries, self._randn(draws), strict=True)]
+        vs = self._vs([(i, p) for i, p in entries if p.dim() >= 2], step)
+        zs = self._randn(draws, step)
+        return [(d, vs.get(i)) for (i, _), d in zip(entries, zs, strict=True)]
 
-    def _vs(self, matrices: list[tuple[int, Tensor]]) -> dict[int, Tensor]:
-        """This interval's V of each matrix: the stored one, or a draw keyed by the interval's
-        first step (on refresh steps, and for a tensor that has no stored V yet)."""
-        vs = {i: self.state[p].get("V") for i, p in matrices}
-        new = [(i, p) for i, p in matrices if vs[i] is None or self._refresh]
-        start = self.step_count - self.step_count % self.interval
+    def _vs(self, matrices: list[tuple[int, Tensor]], step: int) -> dict[int, Tensor]:
+        """The V of each matrix at ``step``: the one the last update stored if it belongs to the
+        same interval, else a draw keyed by the interval's first step (the same numbers)."""
+        start = self._start(step)
+        vs = {i: self.state[p]["V"] for i, p in matrices if self.state[p].get("V_start") == start}
+        new = [(i, p) for i, p in matrices if i not in vs]
         draws = [(p, (p.numel() // p.size(0), self.rank), i, "V") for i, p in new]
-        vs.update(zip((i for i, _ in new), self._randn(draws, step=start), strict=True))
+        vs.update(zip((i for i, _ in new), self._randn(draws, start), strict=True))
         return vs
 
-    def _update_direction(self, index: int, p: Tensor, g: float) -> Factors:
-        gu, v = super()._update_direction(index, p, g)
-        if v is not None:
-            self.state[p]["V"] = v
-        return gu, v
+    def _update_directions(self, entries: list[tuple[int, Tensor]], g: float) -> list[Factors]:
+        directions = super()._update_directions(entries, g)
+        start = self._start(self.step_count)
+        for (_, p), (_, v) in zip(entries, directions, strict=True):
+            if v is not None:
+                self.state[p].update(V=v, V_start=start)
+        return directions
 
 
 class LOZOM(LOZO):
@@ -80,15 +83,28 @@ class LOZOM(LOZO):
         super().__init__(params, lr, eps, weight_decay, rank, interval, seed)
         self.beta = beta
 
-    def _update_direction(self, index: int, p: Tensor, g: float) -> Factors:
-        state = self.state[p]
-        v_old = state.get("V")
-        gu, v = super()._update_direction(index, p, g)
-        buf = state.get("momentum")
-        if buf is None:  # first step: N = g·U (M = g·z); a copy, not a view of the step's draws
-            buf = state["momentum"] = gu.clone()
-        else:
-            if v is not None and self._refresh:
-                buf = state["momentum"] = buf @ (v_old.T @ v) / v.size(0)
-            buf.mul_(self.beta).add_(gu, alpha=1 - self.beta)
-        return buf, v
+    def _update_directions(self, entries: list[tuple[int, Tensor]], g: float) -> list[Factors]:
+        # The stored V, and whether it belongs to an earlier interval than this step's V.
+        start = self._start(self.step_count)
+        v_olds = [
+            (state.get("V"), state.get("V_start") != start)
+            for state in (self.state[p] for _, p in entries)
+        ]
+        directions = super()._update_directions(entries, g)
+        out: list[Factors] = []
+        bufs, gus = [], []  # N ← β·N + (1−β)·g·U, for all of them in two launches
+        for (_, p), (gu, v), (v_old, moved) in zip(entries, directions, v_olds, strict=True):
+            state = self.state[p]
+            buf = state.get("momentum")
+            if buf is None:  # first step: N = g·U (M = g·z); a copy, not a view of the draws
+                buf = state["momentum"] = gu.clone()
+            else:
+                if v is not None and moved:
+                    buf = state["momentum"] = buf @ (v_old.T @ v) / v.size(0)
+                bufs.append(buf)
+                gus.append(gu)
+            out.append((buf, v))
+        if bufs:
+            torch._foreach_mul_(bufs, self.beta)
+            torch._foreach_add_(bufs, gus, alpha=1 - self.beta)
+        return out

@@ -81,7 +81,7 @@ class ZeroOrderOptimizer(Optimizer):
     """Two-point SPSA step shared by all estimators.
 
     Subclasses define the direction through two hooks: ``_factors`` (draw this step's direction
-    factors of one tensor) and ``_update_direction`` (the step direction D of the update
+    factors of tensors) and ``_update_directions`` (the step direction D of the update
     θ ← θ − lr·(D + wd·θ); default D = g·d). Applying factors is separate (``_add_direction``,
     ``_perturb``) so a fast engine can evaluate the perturbation as a side path instead.
     """
@@ -146,18 +146,22 @@ class ZeroOrderOptimizer(Optimizer):
 
     # -- hooks ------------------------------------------------------------------------------
 
-    def _factors(self, entries: list[tuple[int, Tensor]]) -> list[Factors]:
-        """This step's direction factors of each (index, tensor); pure functions of the keys.
-        Drawn together, so that on CUDA a few launches make the draws of all tensors."""
+    def _factors(self, entries: list[tuple[int, Tensor]], step: int) -> list[Factors]:
+        """The direction factors of each (index, tensor) at ``step``; pure functions of the keys
+        (so an engine may draw the next step's while the GPU is busy). Drawn together, so that
+        on CUDA a few launches make the draws of all tensors."""
         raise NotImplementedError
 
-    def _update_direction(self, index: int, p: Tensor, g: float) -> Factors:
-        """Step direction D of the update (plain ZO-SGD: g·d); may update per-param state.
+    def _update_directions(self, entries: list[tuple[int, Tensor]], g: float) -> list[Factors]:
+        """Step direction D of the update of each (index, tensor) (plain ZO-SGD: g·d); may
+        update per-param state. Batched: a step's hundreds of tensors cost a few launches.
 
         May scale the drawn factors in place: the update is their last use in a step.
         """
-        a, b = self._direction(index, p)
-        return a.mul_(g), b
+        directions = [self._direction(i, p) for i, p in entries]
+        if directions:
+            torch._foreach_mul_([a for a, _ in directions], g)
+        return directions
 
     def _perturb(self, scale: float) -> None:
         """θ += scale·d for every tensor (override to perturb on a side path instead)."""
@@ -165,9 +169,10 @@ class ZeroOrderOptimizer(Optimizer):
             self._add_direction(p, *self._direction(i, p), scale)
 
     def _update(self, g: float) -> None:
-        """θ ← θ − lr·(D + wd·θ) with each param group's lr and weight decay."""
+        """θ ← θ − lr·(D + wd·θ) with each param group's lr and weight decay; one tensor at a
+        time, so one direction-sized temporary."""
         for i, group, p in self._indexed_params():
-            a, b = self._update_direction(i, p, g)
+            ((a, b),) = self._update_directions([(i, p)], g)
             if group["weight_decay"]:
                 p.mul_(1 - group["lr"] * group["weight_decay"])
             self._add_direction(p, a, b, -group["lr"])
@@ -177,16 +182,10 @@ class ZeroOrderOptimizer(Optimizer):
     def _direction(self, index: int, p: Tensor) -> Factors:
         """This step's factors of tensor ``index``: the engine's kept draw, or a fresh one."""
         if self._draws is None:
-            return self._factors([(index, p)])[0]
+            return self._factors([(index, p)], self.step_count)[0]
         if index not in self._draws:
-            self._draws[index] = self._factors([(index, p)])[0]
+            self._draws[index] = self._factors([(index, p)], self.step_count)[0]
         return self._draws[index]
-
-    def _keep_draws(self, entries: list[tuple[int, Tensor]]) -> None:
-        """Draw the factors of ``entries`` now, together, and keep them for this step."""
-        assert self._draws is not None, "an engine keeps draws only within its step"
-        for (i, _), f in zip(entries, self._factors(entries), strict=True):
-            self._draws[i] = f
 
     @staticmethod
     def _add_direction(
@@ -203,6 +202,24 @@ class ZeroOrderOptimizer(Optimizer):
         else:
             p.mul_(beta).add_((a @ b.T).view(p.shape), alpha=alpha)
 
+    @staticmethod
+    def _add_directions(
+        ps: list[Tensor], factors: list[Factors], alphas: list[float], betas: list[float]
+    ) -> None:
+        """``_add_direction`` for many tensors; the low-rank ones of one dtype, device and rank
+        go through one kernel launch."""
+        groups: dict[tuple, tuple[list, list, list, list]] = {}
+        for p, (a, b), alpha, beta in zip(ps, factors, alphas, betas, strict=True):
+            if b is None or not p.is_contiguous():
+                ZeroOrderOptimizer._add_direction(p, a, b, alpha, beta)
+                continue
+            group = groups.setdefault((p.dtype, p.device, a.size(1)), ([], [], [], []))
+            w = p if p.dim() == 2 else p.view(a.size(0), -1)
+            for items, x in zip(group, (w, (a, b), alpha, beta), strict=True):
+                items.append(x)
+        for group in groups.values():
+            kernels.lowrank_add_many_(*group)
+
     def _indexed_params(self) -> Iterator[tuple[int, dict[str, Any], Tensor]]:
         i = 0
         for group in self.param_groups:
@@ -210,7 +227,7 @@ class ZeroOrderOptimizer(Optimizer):
                 yield i, group, p
                 i += 1
 
-    def _randn(self, draws: list[Draw], step: int | None = None) -> list[Tensor]:
+    def _randn(self, draws: list[Draw], step: int) -> list[Tensor]:
         """N(0, 1) draws in each tensor's dtype and device, keyed by (seed, step, index, kind).
 
         On CUDA with Triton they are Triton's Philox (so a fused pass can regenerate them), made
@@ -220,7 +237,7 @@ class ZeroOrderOptimizer(Optimizer):
         out: list[Tensor | None] = [None] * len(draws)
         batches: dict[tuple[torch.dtype, torch.device], list[tuple[int, int]]] = {}
         for k, (p, shape, index, kind) in enumerate(draws):
-            key = self._key(index, kind, step)
+            key = draw_key(self.seed, step, index, kind)
             if kernels.available(p.device):
                 batches.setdefault((p.dtype, p.device), []).append((k, key))
                 continue
@@ -240,8 +257,9 @@ class ZeroOrderOptimizer(Optimizer):
                 out[k] = z
         return out  # type: ignore[return-value]
 
-    def _key(self, index: int, kind: str, step: int | None = None) -> int:
-        return draw_key(self.seed, self.step_count if step is None else step, index, kind)
+    def _key(self, index: int, kind: str) -> int:
+        """The key of this step's draw ``kind`` of tensor ``index``."""
+        return draw_key(self.seed, self.step_count, index, kind)
 
     # -- exact resume -----------------------------------------------------------------------
 
@@ -260,6 +278,6 @@ class ZeroOrderOptimizer(Optimizer):
 class MeZO(ZeroOrderOptimizer):
     """ZO-SGD with a full Gaussian direction z per tensor (Malladi et al., 2023)."""
 
-    def _factors(self, entries: list[tuple[int, Tensor]]) -> list[Factors]:
-        zs = self._randn([(p, tuple(p.shape), i, "z") for i, p in entries])
+    def _factors(self, entries: list[tuple[int, Tensor]], step: int) -> list[Factors]:
+        zs = self._randn([(p, tuple(p.shape), i, "z") for i, p in entries], step)
         return [(z, None) for z in zs]
