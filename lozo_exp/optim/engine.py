@@ -137,7 +137,7 @@ class FastEngine:
         self.factors: dict[int, tuple[Tensor, Tensor]] = {}
         self.in_place: set[int] = set()
         self._padded_v: dict[int, tuple[Tensor, Tensor]] = {}  # V is fixed for an interval
-        self._next: tuple[tuple[int, int, int], dict[int, Factors]] | None = None  # see step
+        self._next: tuple[tuple, dict[int, Factors]] | None = None  # the next step's draws
         optimizer.engine = self
 
     # -- one step ---------------------------------------------------------------------------
@@ -162,7 +162,7 @@ class FastEngine:
                 loss2 = closure()
             if keep:  # the next step's draws, made while the GPU still evaluates loss2
                 step = opt.step_count + 1
-                self._next = ((opt.seed, step, len(entries)), self._draw(entries, step))
+                self._next = (self._draw_id(step, entries), self._draw(entries, step))
             self._restore_and_update(opt._slope(loss1, loss2))
         finally:
             opt._draws = None
@@ -174,11 +174,22 @@ class FastEngine:
     def _draw(self, entries: list[tuple[int, Tensor]], step: int) -> dict[int, Factors]:
         return dict(zip((i for i, _ in entries), self.opt._factors(entries, step), strict=True))
 
+    def _draw_id(self, step: int, entries: list[tuple[int, Tensor]]) -> tuple:
+        """What a step's draws depend on (they are pure functions of their keys)."""
+        opt = self.opt
+        return (
+            opt.seed,
+            step,
+            len(entries),
+            getattr(opt, "rank", None),
+            getattr(opt, "interval", None),
+        )
+
     def _kept_draws(self, entries: list[tuple[int, Tensor]], step: int) -> dict[int, Factors]:
         """This step's draws: those made during the previous step if they were made for this
-        step and seed (draws are pure functions of the keys), else drawn now, all together."""
+        step, seed and settings (a resumed or changed optimizer draws anew), else drawn now."""
         made, self._next = self._next, None
-        if made is not None and made[0] == (self.opt.seed, step, len(entries)):
+        if made is not None and made[0] == self._draw_id(step, entries):
             return made[1]
         return self._draw(entries, step)
 

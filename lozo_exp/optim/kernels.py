@@ -250,10 +250,11 @@ def lowrank_add_many_(
 ) -> None:  # fmt: skip
     """``lowrank_add_`` for many matrices (same dtype, device and rank) in one launch: a step's
     hundreds of updates cost one launch, so the CPU never holds the GPU back."""
+    r = factors[0][0].size(1) if factors else 0
     usable = bool(ws) and available(ws[0].device) and len({w.dtype for w in ws}) == 1
     usable = usable and all(
         w.dim() == 2 and w.is_contiguous() and a.is_contiguous() and b.is_contiguous()
-        and a.size(1) == factors[0][0].size(1) for w, (a, b) in zip(ws, factors, strict=True)
+        and a.size(1) == b.size(1) == r for w, (a, b) in zip(ws, factors, strict=True)
     )  # fmt: skip
     if not usable:
         for w, (a, b), alpha, beta in zip(ws, factors, alphas, betas, strict=True):
@@ -267,7 +268,7 @@ def lowrank_add_many_(
     ptrs_t = torch.tensor(ptrs, dtype=torch.int64).pin_memory().to(device, non_blocking=True)
     coefs_t = torch.tensor(coefs, dtype=torch.float32).pin_memory().to(device, non_blocking=True)
     aligned = all(w.size(1) % 16 == 0 and w.data_ptr() % 16 == 0 for w in ws)
-    (bm, bn), r = _TILE, factors[0][0].size(1)
+    bm, bn = _TILE
     grid = (len(mats),)
     lowrank_many_kernel[grid](ws[0], ptrs_t, dims, coefs_t, mats, tiles, R=r, BM=bm, BN=bn,
                               ALIGNED=aligned)  # fmt: skip
