@@ -162,6 +162,15 @@ def _grid(n: int) -> tuple[int]:
     return ((n + BLOCK - 1) // BLOCK,)
 
 
+def _programs(counts: list[int]) -> tuple[Tensor, Tensor]:
+    """For items that need ``counts`` programs each: every program's item, and its index among
+    that item's programs (the tables a many-items-in-one-launch kernel looks itself up in)."""
+    items = torch.repeat_interleave(torch.arange(len(counts)), torch.tensor(counts))
+    first = torch.tensor([0, *counts]).cumsum(0)[:-1]
+    within = torch.arange(len(items)) - first[items]
+    return items.to(torch.int32), within.to(torch.int32)
+
+
 @functools.lru_cache(maxsize=16)
 def _layout(sizes: tuple[int, ...], device: torch.device) -> tuple[list[int], list[Tensor]]:
     """Where each draw of ``sizes`` starts in the shared buffer, and each program's (draw, block):
@@ -169,10 +178,7 @@ def _layout(sizes: tuple[int, ...], device: torch.device) -> tuple[list[int], li
     starts = [0]
     for n in sizes:
         starts.append(starts[-1] + n)
-    blocks = [(n + BLOCK - 1) // BLOCK for n in sizes]
-    draws = torch.repeat_interleave(torch.arange(len(sizes)), torch.tensor(blocks))
-    first = torch.tensor([0, *blocks]).cumsum(0)[:-1]
-    within = torch.arange(len(draws)) - first[draws]
+    draws, within = _programs([(n + BLOCK - 1) // BLOCK for n in sizes])
 
     def put(x: list[int] | Tensor, dtype: torch.dtype) -> Tensor:
         return torch.as_tensor(x, dtype=dtype).to(device)
@@ -234,14 +240,9 @@ def lowrank_add_(w: Tensor, a: Tensor, b: Tensor, alpha: float, beta: float = 1.
 def _tiles(dims: tuple[tuple[int, int], ...], device: torch.device) -> tuple[Tensor, ...]:
     """Each program's (matrix, tile) for matrices of shapes ``dims``, and the shapes, on device."""
     bm, bn = _TILE
-    counts = [math.ceil(m / bm) * math.ceil(n / bn) for m, n in dims]
-    mats = torch.repeat_interleave(torch.arange(len(dims)), torch.tensor(counts))
-    first = torch.tensor([0, *counts]).cumsum(0)[:-1]
-    tiles = torch.arange(len(mats)) - first[mats]
-    flat = [x for mn in dims for x in mn]
-    return tuple(
-        t.to(device) for t in (torch.tensor(flat), mats.to(torch.int32), tiles.to(torch.int32))
-    )
+    mats, tiles = _programs([math.ceil(m / bm) * math.ceil(n / bn) for m, n in dims])
+    flat = torch.tensor([x for mn in dims for x in mn])
+    return tuple(t.to(device) for t in (flat, mats, tiles))
 
 
 def lowrank_add_many_(
