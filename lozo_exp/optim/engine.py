@@ -201,14 +201,12 @@ class FastEngine:
 
     def _small(self) -> tuple[list[Tensor], list[Tensor], list[tuple[int, dict, Tensor]]]:
         """The 1-D tensors moved with multi-tensor ops, their kept draws z, and their entries."""
-        entries = [(i, g, p) for i, g, p in self.opt._indexed_params() if i in self.small]
-        if self.opt._draws is None:  # MeZO replays its other draws; these few are kept here
-            zs = [
-                z
-                for z, _ in self.opt._factors([(i, p) for i, _, p in entries], self.opt.step_count)
-            ]
+        opt = self.opt
+        entries = [(i, g, p) for i, g, p in opt._indexed_params() if i in self.small]
+        if opt._draws is None:  # MeZO replays its other draws; these few are kept here
+            zs = [z for z, _ in opt._factors([(i, p) for i, _, p in entries], opt.step_count)]
         else:
-            zs = [self.opt._direction(i, p)[0] for i, _, p in entries]
+            zs = [opt._direction(i, p)[0] for i, _, p in entries]
         return [p for _, _, p in entries], zs, entries
 
     def _perturb_in_place(self, scale: float) -> None:

@@ -93,13 +93,13 @@ class LOZOM(LOZO):
         directions = super()._update_directions(entries, g)
         out: list[Factors] = []
         bufs, gus = [], []  # N ← β·N + (1−β)·g·U, for all of them in two launches
-        for (_, p), (gu, v), (v_old, moved) in zip(entries, directions, v_olds, strict=True):
+        for (_, p), (gu, v), (v_old, new_interval) in zip(entries, directions, v_olds, strict=True):
             state = self.state[p]
             buf = state.get("momentum")
             if buf is None:  # first step: N = g·U (M = g·z); a copy, not a view of the draws
                 buf = state["momentum"] = gu.clone()
             else:
-                if v is not None and moved:
+                if v is not None and new_interval:
                     buf = state["momentum"] = buf @ (v_old.T @ v) / v.size(0)
                 bufs.append(buf)
                 gus.append(gu)
