@@ -126,6 +126,26 @@ def test_resume_mid_run_discards_the_draws_made_ahead(cls):
         assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("cls", [LOZO, LOZOM])
+def test_padded_v_is_made_once_per_interval_and_equals_v(cls):
+    """V is padded for x·V once per interval, though the draws made ahead give an equal but
+    distinct V tensor every other step (padding it anew each step cost 240 launches on OPT-13B)."""
+    model = small_opt()
+    opt = make_opt(cls, model)  # interval 4
+    engine = FastEngine(opt, model)
+    ids = batch(model)
+    index = next(iter(engine.side))
+    padded = []
+    for _ in range(6):
+        opt.step(lambda: model(input_ids=ids, labels=ids).loss)
+        padded.append(engine._padded_v[index][1])
+        v = opt.state[dict((i, p) for i, _, p in opt._indexed_params())[index]]["V"]
+        assert torch.equal(padded[-1][:, : opt.rank], v)
+        assert not padded[-1][:, opt.rank :].any()
+    assert all(x is padded[0] for x in padded[:4])
+    assert padded[4] is not padded[0] and padded[5] is padded[4]
+
+
 @pytest.mark.parametrize("name", ["tiny-opt", "tiny-roberta"])
 @pytest.mark.parametrize("cls", [LOZO, LOZOM])
 def test_side_path_weights_bit_identical_during_both_evaluations(name, cls):
@@ -262,11 +282,26 @@ def test_triton_lowrank_update_matches_addmm(dtype):
     expected = (0.9 * w.double() + 0.5 * a.double() @ b.double().T).to(dtype)
     kernels.lowrank_add_(w, a, b, 0.5, 0.9)
     torch.testing.assert_close(w, expected)  # float32 accumulation, one rounding
-    wide = torch.cat([a, torch.ones_like(a)], 1)  # a column slice: the side path's x·V[:, :r]
+    wide = torch.cat([a, torch.ones_like(a)], 1)  # a column slice of a wider factor
     w2 = expected.clone()
     kernels.lowrank_add_(w2, wide[:, :3], b, -0.5)
     kernels.lowrank_add_(expected, a, b, -0.5)
     assert torch.equal(w2, expected)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_lowrank_add_takes_batched_outputs_and_a_padded_factor(device):
+    """The side path's call: a Linear's (B, L, m) output and x·V on a padded V (B, L, 8): only
+    the first r columns count, and the result is the 2-D one (a mismatched a is refused)."""
+    gen = torch.Generator(device).manual_seed(0)
+    out, xv, u = (torch.randn(s, device=device, generator=gen)
+                  for s in ((2, 5, 300), (2, 5, 8), (300, 2)))  # fmt: skip
+    expected = out.view(10, 300) + 0.5 * xv.view(10, 8)[:, :2] @ u.T
+    kernels.lowrank_add_(out, xv, u, 0.5)
+    torch.testing.assert_close(out.view(10, 300), expected)
+    if kernels.available(out.device):
+        with pytest.raises(ValueError, match="does not match"):
+            kernels.lowrank_add_(out, xv[:1], u, 0.5)
 
 
 @pytest.mark.skipif(not kernels.available(torch.device("cuda")), reason="needs CUDA and Triton")

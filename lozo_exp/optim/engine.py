@@ -136,8 +136,15 @@ class FastEngine:
         # This step: (U, padded V) of each covered matrix, and the covered ones moved in place.
         self.factors: dict[int, tuple[Tensor, Tensor]] = {}
         self.in_place: set[int] = set()
-        self._padded_v: dict[int, tuple[Tensor, Tensor]] = {}  # V is fixed for an interval
+        self._padded_v: dict[int, tuple[tuple, Tensor]] = {}  # V is fixed for an interval
         self._next: tuple[tuple, dict[int, Factors]] | None = None  # the next step's draws
+        self.params: list[tuple[int, dict, Tensor]] = []  # this step's (index, group, tensor)
+        # Each covered module's forward during the evaluations: made once, installed per step.
+        self._forwards = [
+            (module, (self._linear_forward if isinstance(module, nn.Linear)
+                      else self._embedding_forward)(i, module))
+            for i, modules in self.side.items() for module in modules
+        ]  # fmt: skip
         optimizer.engine = self
 
     # -- one step ---------------------------------------------------------------------------
@@ -145,13 +152,16 @@ class FastEngine:
     def step(self, closure: Callable[[], Tensor | float]) -> Tensor | float:
         opt, eps = self.opt, self.opt.eps
         keep = isinstance(opt, LOZO)  # low-rank factors are small: draw once per step
-        entries = [(i, p) for i, _, p in opt._indexed_params()]
+        self.params = list(opt._indexed_params())
+        entries = [(i, p) for i, _, p in self.params]
         try:
             opt._draws = self._kept_draws(entries, opt.step_count) if keep else None
-            for i, p in entries:
-                if i in self.side:
-                    u, v = opt._direction(i, p)
-                    self.factors[i] = (u, self._padded(i, v))
+            if isinstance(opt, LOZO):
+                v_id = opt._v_id(opt.step_count)
+                for i, p in entries:
+                    if i in self.side:
+                        u, v = opt._direction(i, p)
+                        self.factors[i] = (u, self._padded(i, v, v_id))
             self.small_draws = self._small()
             with self._patched_forwards():
                 self.scale = eps
@@ -193,16 +203,19 @@ class FastEngine:
             return made[1]
         return self._draw(entries, step)
 
-    def _padded(self, index: int, v: Tensor) -> Tensor:
+    def _padded(self, index: int, v: Tensor, v_id: tuple) -> Tensor:
+        """V padded to RANK_PAD columns, made once per interval. Kept under what V's numbers
+        depend on, not under the tensor: a draw made ahead and the stored V are equal, distinct
+        tensors (keyed by identity, the pad was redone every step: 240 launches on OPT-13B)."""
         kept = self._padded_v.get(index)
-        if kept is None or kept[0] is not v:
-            kept = self._padded_v[index] = (v, _pad_rank(v))
+        if kept is None or kept[0] != v_id:
+            kept = self._padded_v[index] = (v_id, _pad_rank(v))
         return kept[1]
 
     def _small(self) -> tuple[list[Tensor], list[Tensor], list[tuple[int, dict, Tensor]]]:
         """The 1-D tensors moved with multi-tensor ops, their kept draws z, and their entries."""
         opt = self.opt
-        entries = [(i, g, p) for i, g, p in opt._indexed_params() if i in self.small]
+        entries = [(i, g, p) for i, g, p in self.params if i in self.small]
         if opt._draws is None:  # MeZO replays its other draws; these few are kept here
             zs = [z for z, _ in opt._factors([(i, p) for i, _, p in entries], opt.step_count)]
         else:
@@ -216,7 +229,7 @@ class FastEngine:
         ps, zs, _ = self.small_draws
         if ps:
             torch._foreach_add_(ps, zs, alpha=scale)
-        for i, _, p in opt._indexed_params():
+        for i, _, p in self.params:
             if i in self.small or (i in self.side and i not in self.in_place):
                 continue
             if self._fused(p):
@@ -234,16 +247,16 @@ class FastEngine:
         faster than the GPU runs it."""
         opt, eps = self.opt, self.opt.eps
         beta: dict[int, float] = {}
-        for i, group, _ in opt._indexed_params():
+        for i, group, _ in self.params:
             beta[i] = 1.0 - group["lr"] * group["weight_decay"] if g is not None else 1.0
         ps, zs, small = self.small_draws
-        entries = [e for e in opt._indexed_params() if e[0] not in self.small]
+        entries = [e for e in self.params if e[0] not in self.small]
         moved = {i for i, _, _ in entries if i not in self.side or i in self.in_place}
         if ps and (g is None or not self.fused_sgd):  # restore the 1-D tensors
             torch._foreach_add_(ps, zs, alpha=eps)
         if g is None or self.fused_sgd:  # restore only, or ZO-SGD: restore + g·d in one pass
             coef = {i: beta[i] * eps - (group["lr"] * g if g is not None else 0.0)
-                    for i, group, _ in opt._indexed_params()}  # fmt: skip
+                    for i, group, _ in self.params}  # fmt: skip
             for i, _, p in entries:
                 if i not in moved:
                     continue
@@ -263,7 +276,7 @@ class FastEngine:
             restore = {i: opt._direction(i, p)[0] * (beta[i] * eps)
                        for i, _, p in chunk if i in moved}  # fmt: skip
             directions = opt._update_directions([(i, p) for i, _, p in chunk], g)
-            passes: tuple[list, list, list, list] = ([], [], [], [])  # tensors, D, alphas, betas
+            ws, factors, alphas, betas = [], [], [], []  # one pass per matrix
             for (i, group, p), (d, b) in zip(chunk, directions, strict=True):
                 if i in self.small:
                     small_directions[i] = d
@@ -272,9 +285,11 @@ class FastEngine:
                     d, alpha = restore[i].add_(d, alpha=-group["lr"]), 1.0
                 else:
                     alpha = -group["lr"]
-                for items, x in zip(passes, (p, (d, b), alpha, beta[i]), strict=True):
-                    items.append(x)
-            opt._add_directions(*passes)
+                ws.append(p)
+                factors.append((d, b))
+                alphas.append(alpha)
+                betas.append(beta[i])
+            opt._add_directions(ws, factors, alphas, betas)
         self._update_small([(e, small_directions[e[0]], -e[1]["lr"]) for e in small])
 
     @staticmethod
@@ -298,19 +313,18 @@ class FastEngine:
     def _patched_forwards(self) -> Iterator[None]:
         """While the two losses are evaluated, each covered module runs a forward that adds its
         term ±ε·(x·V)·Uᵀ / ±ε·U[ids]·Vᵀ (or moves W in place); restored afterwards, so other
-        forwards are untouched. An instance attribute, not a hook: hooks cost more per call."""
+        forwards are untouched. An instance attribute, not a hook: hooks cost more per call;
+        set in the module's ``__dict__``, as ``module.forward = f`` does minus nn.Module's
+        checks (hundreds of modules per step)."""
         patched = []
         try:
-            for i, modules in self.side.items():
-                for module in modules:
-                    linear = isinstance(module, nn.Linear)
-                    forward = self._linear_forward if linear else self._embedding_forward
-                    module.forward = forward(i, module)
-                    patched.append(module)
+            for module, forward in self._forwards:
+                vars(module)["forward"] = forward
+                patched.append(module)
             yield
         finally:
             for module in patched:
-                del module.forward
+                del vars(module)["forward"]
 
     def _moves_in_place(self, index: int, w: Tensor, x: Tensor) -> bool:
         """Whether W is cheaper to perturb in place than on the side path for input ``x``."""
@@ -332,7 +346,7 @@ class FastEngine:
             if index in self.in_place:
                 return out
             u, v = self.factors[index]  # v padded: x·V runs faster, its first r columns used
-            self._add_term(out, (x.reshape(-1, v.size(0)) @ v)[:, : u.size(1)], u)  # ±ε·(x·V)·Uᵀ
+            self._add_term(out, torch.matmul(x, v), u)  # ±ε·(x·V)·Uᵀ
             return out
 
         return forward
@@ -341,15 +355,15 @@ class FastEngine:
         def forward(ids: Tensor) -> Tensor:
             out = nn.Embedding.forward(module, ids)
             u, v = self.factors[index]
-            a = F.embedding(ids, u).view(-1, u.size(1))
-            self._add_term(out, a, v[:, : u.size(1)])  # ±ε·U[ids]·Vᵀ
+            self._add_term(out, F.embedding(ids, u), v[:, : u.size(1)])  # ±ε·U[ids]·Vᵀ
             return out
 
         return forward
 
     def _add_term(self, out: Tensor, a: Tensor, b: Tensor) -> None:
-        """out += scale·a·bᵀ, with a (tokens, r) and b (out features, r)."""
+        """out += scale·a·bᵀ, with a (…, ≥ r) matching out's leading dims and b (out features, r):
+        a's first r columns are used."""
         if out.is_contiguous():
-            kernels.lowrank_add_(out.view(-1, b.size(0)), a, b, self.scale)
+            kernels.lowrank_add_(out, a, b, self.scale)
         else:
-            out.add_((a @ b.T).view(out.shape), alpha=self.scale)
+            out.add_(a[..., : b.size(1)] @ b.T, alpha=self.scale)

@@ -225,23 +225,29 @@ def axpbz_(p: Tensor, key: int, a: float, b: float) -> None:
 
 
 def lowrank_add_(w: Tensor, a: Tensor, b: Tensor, alpha: float, beta: float = 1.0) -> None:
-    """w ← β·w + α·a·bᵀ in place, for a contiguous m×n ``w``, a m×r and b n×r (r small; a and
-    b may be column slices of wider factors)."""
-    if not (available(w.device) and w.is_contiguous() and w.dim() == 2):
-        w.addmm_(a, b.T, beta=beta, alpha=alpha)
+    """w ← β·w + α·a·bᵀ in place, for w m×n, a m×(≥ r) and b n×r, r small: only a's first r
+    columns are used (x·V is computed on a padded V). w and a may also be batched (…×n, …×r'),
+    read as their 2-D views: the side path passes a Linear's output and x·V as they come, one
+    Python call per module (the forward must not wait for the CPU)."""
+    n, r = w.size(-1), b.size(1)
+    if not (available(w.device) and w.is_contiguous() and (a.dim() == 2 or a.is_contiguous())):
+        w2 = w if w.dim() == 2 else w.view(-1, n)
+        w2.addmm_(a.reshape(-1, a.size(-1))[:, :r], b.T, beta=beta, alpha=alpha)
         return
-    (m, n), r = w.shape, a.size(1)
+    m = w.numel() // n if n else 0
+    if a.numel() // a.size(-1) != m or a.size(-1) < r:
+        raise ValueError(f"lowrank_add_: a {tuple(a.shape)} does not match w {tuple(w.shape)}")
     if w.numel():
-        a = a if a.stride(1) == 1 else a.contiguous()
+        a = a if a.stride(-1) == 1 else a.contiguous()
         b = b if b.stride(1) == 1 else b.contiguous()
         bm, bn = _TILE
         grid = (triton.cdiv(m, bm), triton.cdiv(n, bn))
-        lowrank_kernel[grid](w, a, b, m, n, float(alpha), float(beta), SA=a.stride(0),
+        lowrank_kernel[grid](w, a, b, m, n, float(alpha), float(beta), SA=a.stride(-2),
                              SB=b.stride(0), R=r, BM=bm, BN=bn)  # fmt: skip
 
 
 @functools.lru_cache(maxsize=16)
-def _tiles(dims: tuple[tuple[int, int], ...], device: torch.device) -> tuple[Tensor, ...]:
+def _tiles(dims: tuple[torch.Size, ...], device: torch.device) -> tuple[Tensor, ...]:
     """Each program's (matrix, tile) for matrices of shapes ``dims``, and the shapes, on device."""
     bm, bn = _TILE
     mats, tiles = _programs([math.ceil(m / bm) * math.ceil(n / bn) for m, n in dims])
@@ -256,23 +262,29 @@ def lowrank_add_many_(
     """``lowrank_add_`` for many matrices (same dtype, device and rank) in one launch: a step's
     hundreds of updates cost one launch, so the CPU never holds the GPU back."""
     r = factors[0][0].size(1) if factors else 0
-    usable = bool(ws) and available(ws[0].device) and len({w.dtype for w in ws}) == 1
-    usable = usable and all(
-        w.dim() == 2 and w.is_contiguous() and a.is_contiguous() and b.is_contiguous()
-        and a.size(1) == b.size(1) == r for w, (a, b) in zip(ws, factors, strict=True)
-    )  # fmt: skip
+    usable = bool(ws) and available(ws[0].device)
+    ptrs: list[int] = []  # (w, a, b) addresses; the checks and the table in one pass
+    shapes = []
+    for w, (a, b) in zip(ws, factors, strict=True):
+        usable = usable and (
+            w.dtype == ws[0].dtype and w.dim() == 2 and w.is_contiguous() and a.is_contiguous()
+            and b.is_contiguous() and a.size(1) == b.size(1) == r
+        )  # fmt: skip
+        if not usable:
+            break
+        ptrs += (w.data_ptr(), a.data_ptr(), b.data_ptr())
+        shapes.append(w.shape)
     if not usable:
         for w, (a, b), alpha, beta in zip(ws, factors, alphas, betas, strict=True):
             lowrank_add_(w, a, b, alpha, beta)
         return
     device = ws[0].device
-    dims, mats, tiles = _tiles(tuple(tuple(w.shape) for w in ws), device)
-    ptrs = [x.data_ptr() for w, (a, b) in zip(ws, factors, strict=True) for x in (w, a, b)]
+    dims, mats, tiles = _tiles(tuple(shapes), device)
     coefs = [float(x) for ab in zip(alphas, betas, strict=True) for x in ab]
     # Pinned and non-blocking, as in `normal_many`.
     ptrs_t = torch.tensor(ptrs, dtype=torch.int64).pin_memory().to(device, non_blocking=True)
     coefs_t = torch.tensor(coefs, dtype=torch.float32).pin_memory().to(device, non_blocking=True)
-    aligned = all(w.size(1) % 16 == 0 and w.data_ptr() % 16 == 0 for w in ws)
+    aligned = all(n % 16 == 0 for _, n in shapes) and all(x % 16 == 0 for x in ptrs[::3])
     bm, bn = _TILE
     grid = (len(mats),)
     lowrank_many_kernel[grid](ws[0], ptrs_t, dims, coefs_t, mats, tiles, R=r, BM=bm, BN=bn,

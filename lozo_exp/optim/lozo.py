@@ -34,6 +34,11 @@ class LOZO(ZeroOrderOptimizer):
         """The first step of ``step``'s interval: V is drawn keyed by it."""
         return step - step % self.interval
 
+    def _v_id(self, step: int) -> tuple:
+        """What every matrix's V at ``step`` is a function of (with the matrix's index and
+        shape): an engine may keep work derived from V under it."""
+        return (self.seed, self.rank, self._start(step))
+
     def _factors(self, entries: list[tuple[int, Tensor]], step: int) -> list[Factors]:
         draws = [
             (p, tuple(p.shape), i, "z") if p.dim() < 2 else (p, (p.size(0), self.rank), i, "U")
@@ -84,22 +89,19 @@ class LOZOM(LOZO):
         self.beta = beta
 
     def _update_directions(self, entries: list[tuple[int, Tensor]], g: float) -> list[Factors]:
-        # The stored V, and whether it belongs to an earlier interval than this step's V.
         start = self._start(self.step_count)
-        v_olds = [
-            (state.get("V"), state.get("V_start") != start)
-            for state in (self.state[p] for _, p in entries)
-        ]
+        states = [self.state[p] for _, p in entries]
+        # The V a matrix's buffer lives in, where this step starts a new interval (else None).
+        v_olds = [state.get("V") if state.get("V_start") != start else None for state in states]
         directions = super()._update_directions(entries, g)
         out: list[Factors] = []
         bufs, gus = [], []  # N ← β·N + (1−β)·g·U, for all of them in two launches
-        for (_, p), (gu, v), (v_old, new_interval) in zip(entries, directions, v_olds, strict=True):
-            state = self.state[p]
+        for state, (gu, v), v_old in zip(states, directions, v_olds, strict=True):
             buf = state.get("momentum")
             if buf is None:  # first step: N = g·U (M = g·z); a copy, not a view of the draws
                 buf = state["momentum"] = gu.clone()
             else:
-                if v is not None and new_interval:
+                if v is not None and v_old is not None:
                     buf = state["momentum"] = buf @ (v_old.T @ v) / v.size(0)
                 bufs.append(buf)
                 gus.append(gu)
