@@ -170,6 +170,9 @@ class FastEngine:
                 self.scale = -eps
                 self._perturb_in_place(-2 * eps)
                 loss2 = closure()
+            ps, zs, _ = self.small_draws
+            if ps and not self.fused_sgd:  # the 1-D tensors' restore needs no g: queued now
+                torch._foreach_add_(ps, zs, alpha=eps)
             if keep:  # the next step's draws, made while the GPU still evaluates loss2
                 step = opt.step_count + 1
                 self._next = (self._draw_id(step, entries), self._draw(entries, step))
@@ -242,9 +245,10 @@ class FastEngine:
 
     def _restore_and_update(self, g: float | None) -> None:
         """One pass per tensor: in-place ones go θ−εd → β·θ + β·ε·d − lr·D, side-path ones
-        θ → β·θ − lr·D (they were never moved). With kept (low-rank) draws the directions come
-        in a few launches and the matrices' passes in one, so the CPU enqueues the update much
-        faster than the GPU runs it."""
+        θ → β·θ − lr·D (they were never moved); the 1-D tensors were restored before the loss
+        sync, except for fused ZO-SGD, which folds their restore into the update. With kept
+        (low-rank) draws the directions come in a few launches and the matrices' passes in one,
+        so the CPU enqueues the update much faster than the GPU runs it."""
         opt, eps = self.opt, self.opt.eps
         beta: dict[int, float] = {}
         for i, group, _ in self.params:
@@ -252,7 +256,7 @@ class FastEngine:
         ps, zs, small = self.small_draws
         entries = [e for e in self.params if e[0] not in self.small]
         moved = {i for i, _, _ in entries if i not in self.side or i in self.in_place}
-        if ps and (g is None or not self.fused_sgd):  # restore the 1-D tensors
+        if ps and g is None and self.fused_sgd:  # restore the 1-D tensors (else done or folded)
             torch._foreach_add_(ps, zs, alpha=eps)
         if g is None or self.fused_sgd:  # restore only, or ZO-SGD: restore + g·d in one pass
             coef = {i: beta[i] * eps - (group["lr"] * g if g is not None else 0.0)

@@ -60,11 +60,16 @@ class LOZO(ZeroOrderOptimizer):
 
     def _update_directions(self, entries: list[tuple[int, Tensor]], g: float) -> list[Factors]:
         directions = super()._update_directions(entries, g)
+        self._store_vs(entries, directions)
+        return directions
+
+    def _store_vs(self, entries: list[tuple[int, Tensor]], directions: list[Factors]) -> None:
+        """Keep each matrix's V with its interval's first step: the next steps of the interval
+        reuse it, and LOZO-M carries its momentum from it into the next interval's V."""
         start = self._start(self.step_count)
         for (_, p), (_, v) in zip(entries, directions, strict=True):
             if v is not None:
                 self.state[p].update(V=v, V_start=start)
-        return directions
 
 
 class LOZOM(LOZO):
@@ -93,20 +98,24 @@ class LOZOM(LOZO):
         states = [self.state[p] for _, p in entries]
         # The V a matrix's buffer lives in, where this step starts a new interval (else None).
         v_olds = [state.get("V") if state.get("V_start") != start else None for state in states]
-        directions = super()._update_directions(entries, g)
-        out: list[Factors] = []
-        bufs, gus = [], []  # N ← β·N + (1−β)·g·U, for all of them in two launches
-        for state, (gu, v), v_old in zip(states, directions, v_olds, strict=True):
+        draws = [self._direction(i, p) for i, p in entries]  # unscaled: g enters N's update
+        self._store_vs(entries, draws)
+        bufs, us = [], []  # N ← β·N + (1−β)·g·U, for all of them in two launches
+        first = []  # (state, U) of buffers made this step: N = g·U (M = g·z)
+        for state, (u, v), v_old in zip(states, draws, v_olds, strict=True):
             buf = state.get("momentum")
-            if buf is None:  # first step: N = g·U (M = g·z); a copy, not a view of the draws
-                buf = state["momentum"] = gu.clone()
-            else:
-                if v is not None and v_old is not None:
-                    buf = state["momentum"] = buf @ (v_old.T @ v) / v.size(0)
-                bufs.append(buf)
-                gus.append(gu)
-            out.append((buf, v))
+            if buf is None:
+                first.append((state, u))
+                continue
+            if v is not None and v_old is not None:
+                buf = state["momentum"] = buf @ (v_old.T @ v) / v.size(0)
+            bufs.append(buf)
+            us.append(u)
         if bufs:
             torch._foreach_mul_(bufs, self.beta)
-            torch._foreach_add_(bufs, gus, alpha=1 - self.beta)
-        return out
+            torch._foreach_add_(bufs, us, alpha=(1 - self.beta) * g)
+        if first:  # new tensors, not views of the draws
+            made = torch._foreach_mul([u for _, u in first], g)
+            for (state, _), buf in zip(first, made, strict=True):
+                state["momentum"] = buf
+        return [(state["momentum"], v) for state, (_, v) in zip(states, draws, strict=True)]
