@@ -170,9 +170,8 @@ class FastEngine:
                 self.scale = -eps
                 self._perturb_in_place(-2 * eps)
                 loss2 = closure()
-            ps, zs, _ = self.small_draws
-            if ps and not self.fused_sgd:  # the 1-D tensors' restore needs no g: queued now
-                torch._foreach_add_(ps, zs, alpha=eps)
+            if not self.fused_sgd:  # the 1-D tensors' restore needs no g: queued now
+                self._move_small(eps)
             if keep:  # the next step's draws, made while the GPU still evaluates loss2
                 step = opt.step_count + 1
                 self._next = (self._draw_id(step, entries), self._draw(entries, step))
@@ -225,13 +224,17 @@ class FastEngine:
             zs = [opt._direction(i, p)[0] for i, _, p in entries]
         return [p for _, _, p in entries], zs, entries
 
+    def _move_small(self, scale: float) -> None:
+        """θ += scale·z for the 1-D tensors, in one multi-tensor launch."""
+        ps, zs, _ = self.small_draws
+        if ps:
+            torch._foreach_add_(ps, zs, alpha=scale)
+
     def _perturb_in_place(self, scale: float) -> None:
         """Moves every tensor perturbed in place (covered matrices only once their forward has
         chosen it: during the first evaluation that happens inside the forward)."""
         opt = self.opt
-        ps, zs, _ = self.small_draws
-        if ps:
-            torch._foreach_add_(ps, zs, alpha=scale)
+        self._move_small(scale)
         for i, _, p in self.params:
             if i in self.small or (i in self.side and i not in self.in_place):
                 continue
@@ -253,11 +256,11 @@ class FastEngine:
         beta: dict[int, float] = {}
         for i, group, _ in self.params:
             beta[i] = 1.0 - group["lr"] * group["weight_decay"] if g is not None else 1.0
-        ps, zs, small = self.small_draws
+        _, zs, small = self.small_draws
         entries = [e for e in self.params if e[0] not in self.small]
         moved = {i for i, _, _ in entries if i not in self.side or i in self.in_place}
-        if ps and g is None and self.fused_sgd:  # restore the 1-D tensors (else done or folded)
-            torch._foreach_add_(ps, zs, alpha=eps)
+        if g is None and self.fused_sgd:  # restore the 1-D tensors (else done or folded)
+            self._move_small(eps)
         if g is None or self.fused_sgd:  # restore only, or ZO-SGD: restore + g·d in one pass
             coef = {i: beta[i] * eps - (group["lr"] * g if g is not None else 0.0)
                     for i, group, _ in self.params}  # fmt: skip
