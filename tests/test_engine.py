@@ -243,14 +243,18 @@ class HeavyBallMeZO(MeZO):
     """MeZO with momentum on z: an estimator whose update direction is not g·z, so the engine
     cannot fold it into the fused pass and replays full-size draws one tensor at a time."""
 
-    def _update_directions(self, entries, g):
-        directions = super()._update_directions(entries, g)
-        out = []
-        for (_, p), (gz, _) in zip(entries, directions, strict=True):
-            old = self.state[p].get("m")
-            self.state[p]["m"] = gz.clone() if old is None else 0.5 * old + gz
-            out.append((self.state[p]["m"], None))
-        return out
+    def _prepare_update(self, entries):
+        directions, scale = super()._prepare_update(entries)
+        ms = [torch.empty_like(z) for z, _ in directions]
+
+        def finish(g):
+            scale(g)
+            for (_, p), (gz, _), m in zip(entries, directions, ms, strict=True):
+                old = self.state[p].get("m")
+                m.copy_(gz if old is None else 0.5 * old + gz)
+                self.state[p]["m"] = m
+
+        return [(m, None) for m in ms], finish
 
 
 def test_engine_equals_plain_for_an_estimator_with_its_own_update_direction():
@@ -319,7 +323,7 @@ def test_many_lowrank_updates_in_one_launch_equal_one_at_a_time(shapes):
     expected = [w.clone() for w in ws]
     for w, (a, b), alpha, beta in zip(expected, factors, alphas, betas, strict=True):
         kernels.lowrank_add_(w, a, b, alpha, beta)
-    kernels.lowrank_add_many_(ws, factors, alphas, betas)
+    kernels.plan_lowrank_add_many(ws, factors, alphas, betas)()
     for w, e in zip(ws, expected, strict=True):
         assert torch.equal(w, e)
 

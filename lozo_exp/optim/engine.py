@@ -23,10 +23,11 @@ The plain step writes every weight four times (θ+εd, θ−εd, restore, update
 - LOZO's factors are drawn once per step, all in a few launches, and kept (they are small);
   MeZO's z is replayed (its 1-D tensors' z are kept too).
 - The GPU must never wait for the CPU. The loss sync before the update is unavoidable (g must be
-  finite to be applied), so what follows it is kept short: all directions in a few multi-tensor
-  launches, all low-rank passes in one launch (`kernels.lowrank_add_many_`). The next step's
-  draws (pure functions of their keys) are made before that sync, while the GPU evaluates the
-  second loss. On OPT-13B at 32×64 tokens (an H200, under the profiler) the gaps between a
+  finite to be applied), so what follows it is kept short. While the GPU evaluates the second
+  loss, the CPU makes the next step's draws (pure functions of their keys) and plans the low-rank
+  update: every part that g does not change, including the one-launch pass's table of addresses
+  (`kernels.plan_lowrank_add_many`). After the sync: g's multi-tensor scaling of the directions
+  and one launch. On OPT-13B at 32×64 tokens (an H200, under the profiler) the gaps between a
   step's kernels went from 35 to 15 ms.
 """
 
@@ -110,7 +111,7 @@ class FastEngine:
             self.movable = set()
         # MeZO's plain ZO-SGD update g·z can be fused with the restore into one scaled pass.
         self.fused_sgd = isinstance(optimizer, MeZO) and (
-            type(optimizer)._update_directions is ZeroOrderOptimizer._update_directions
+            type(optimizer)._prepare_update is ZeroOrderOptimizer._prepare_update
         )
         n_params = sum(1 for _ in optimizer._indexed_params())
         if low_rank:
@@ -172,10 +173,20 @@ class FastEngine:
                 loss2 = closure()
             if not self.fused_sgd:  # the 1-D tensors' restore needs no g: queued now
                 self._move_small(eps)
-            if keep:  # the next step's draws, made while the GPU still evaluates loss2
+            if keep:  # while the GPU still evaluates loss2: the next step's draws, the update plan
                 step = opt.step_count + 1
                 self._next = (self._draw_id(step, entries), self._draw(entries, step))
-            self._restore_and_update(opt._slope(loss1, loss2))
+                update = self._plan_update(self.params)
+            g = opt._slope(loss1, loss2)  # waits for the GPU
+            if g is None:
+                self._restore()
+            elif keep:
+                update(g)
+            elif self.fused_sgd:
+                self._fused_update(g)
+            else:  # replayed full-size draws: one tensor at a time, one direction-sized temporary
+                for entry in self.params:
+                    self._plan_update([entry])(g)
         finally:
             opt._draws = None
             self.factors = {}
@@ -246,58 +257,86 @@ class FastEngine:
     def _fused(self, p: Tensor) -> bool:
         return self.fused_sgd and p.is_contiguous() and kernels.available(p.device)
 
-    def _restore_and_update(self, g: float | None) -> None:
-        """One pass per tensor: in-place ones go θ−εd → β·θ + β·ε·d − lr·D, side-path ones
-        θ → β·θ − lr·D (they were never moved); the 1-D tensors were restored before the loss
-        sync, except for fused ZO-SGD, which folds their restore into the update. With kept
-        (low-rank) draws the directions come in a few launches and the matrices' passes in one,
-        so the CPU enqueues the update much faster than the GPU runs it."""
-        opt, eps = self.opt, self.opt.eps
-        beta: dict[int, float] = {}
-        for i, group, _ in self.params:
-            beta[i] = 1.0 - group["lr"] * group["weight_decay"] if g is not None else 1.0
+    def _moved(self, entries: list[tuple[int, dict, Tensor]]) -> set[int]:
+        """The matrices of ``entries`` that carry θ−εd in place after the evaluations."""
+        return {
+            i for i, _, p in entries
+            if i not in self.small and (i not in self.side or i in self.in_place)
+        }  # fmt: skip
+
+    def _restore(self) -> None:
+        """θ−εd → θ for what is in place (a skipped step: g is not finite)."""
+        opt = self.opt
+        if self.fused_sgd:  # the 1-D tensors (else restored before the loss sync)
+            self._move_small(opt.eps)
+        moved = self._moved(self.params)
+        for i, _, p in self.params:
+            if i not in moved:
+                continue
+            if self._fused(p):
+                kernels.axpbz_(p, opt._key(i, "z"), 1.0, opt.eps)
+            else:
+                opt._add_direction(p, *opt._direction(i, p), opt.eps)
+
+    def _fused_update(self, g: float) -> None:
+        """ZO-SGD: θ−εd → β·θ + (β·ε − lr·g)·d, restore and update in one pass per tensor
+        (β = 1 − lr·wd); z is regenerated inside the pass where Triton runs it."""
+        opt = self.opt
+        coef = {}
+        for i, group, p in self.params:
+            beta = 1.0 - group["lr"] * group["weight_decay"]
+            coef[i] = (beta, beta * opt.eps - group["lr"] * g)
+            if i in self.small:
+                continue
+            if self._fused(p):
+                kernels.axpbz_(p, opt._key(i, "z"), *coef[i])
+            else:
+                opt._add_direction(p, *opt._direction(i, p), coef[i][1], coef[i][0])
         _, zs, small = self.small_draws
-        entries = [e for e in self.params if e[0] not in self.small]
-        moved = {i for i, _, _ in entries if i not in self.side or i in self.in_place}
-        if g is None and self.fused_sgd:  # restore the 1-D tensors (else done or folded)
-            self._move_small(eps)
-        if g is None or self.fused_sgd:  # restore only, or ZO-SGD: restore + g·d in one pass
-            coef = {i: beta[i] * eps - (group["lr"] * g if g is not None else 0.0)
-                    for i, group, _ in self.params}  # fmt: skip
-            for i, _, p in entries:
-                if i not in moved:
-                    continue
-                if self._fused(p):
-                    kernels.axpbz_(p, opt._key(i, "z"), beta[i], coef[i])
-                else:
-                    opt._add_direction(p, *opt._direction(i, p), coef[i], beta[i])
-            if g is not None:
-                self._update_small([(e, z, coef[e[0]]) for e, z in zip(small, zs, strict=True)])
-            return
-        # Kept draws are low-rank factors: every direction at once. Replayed draws are full-size:
-        # one tensor at a time, so one direction-sized temporary.
-        chunks = [small + entries] if opt._draws is not None else [[e] for e in small + entries]
-        small_directions: dict[int, Tensor] = {}
-        for chunk in chunks:
-            # The restore terms first: the update directions may scale the draws in place.
-            restore = {i: opt._direction(i, p)[0] * (beta[i] * eps)
-                       for i, _, p in chunk if i in moved}  # fmt: skip
-            directions = opt._update_directions([(i, p) for i, _, p in chunk], g)
-            ws, factors, alphas, betas = [], [], [], []  # one pass per matrix
-            for (i, group, p), (d, b) in zip(chunk, directions, strict=True):
-                if i in self.small:
-                    small_directions[i] = d
-                    continue
-                if i in restore:
-                    d, alpha = restore[i].add_(d, alpha=-group["lr"]), 1.0
-                else:
-                    alpha = -group["lr"]
-                ws.append(p)
-                factors.append((d, b))
-                alphas.append(alpha)
-                betas.append(beta[i])
-            opt._add_directions(ws, factors, alphas, betas)
-        self._update_small([(e, small_directions[e[0]], -e[1]["lr"]) for e in small])
+        self._update_small([(e, z, coef[e[0]][1]) for e, z in zip(small, zs, strict=True)])
+
+    def _plan_update(self, entries: list[tuple[int, dict, Tensor]]) -> Callable[[float], None]:
+        """The update of ``entries``, one pass per tensor: in-place ones go θ−εd → β·θ + β·ε·d −
+        lr·D, side-path ones θ → β·θ − lr·D (never moved), 1-D ones θ → β·θ − lr·D (restored
+        before the loss sync); β = 1 − lr·wd. Everything g does not change is done now (the
+        restore terms, the optimizer's plan of D, the passes' table); returns what applies g.
+        With kept (low-rank) draws the directions come in a few launches and the matrices'
+        passes in one, so the CPU enqueues the update much faster than the GPU runs it."""
+        opt = self.opt
+        moved = self._moved(entries)
+        lrs = {i: group["lr"] for i, group, _ in entries}
+        betas = {i: 1.0 - group["lr"] * group["weight_decay"] for i, group, _ in entries}
+        # The restore terms first: finishing the update directions may scale the draws in place.
+        restore = {i: opt._direction(i, p)[0] * (betas[i] * opt.eps)
+                   for i, _, p in entries if i in moved}  # fmt: skip
+        directions, finish = opt._prepare_update([(i, p) for i, _, p in entries])
+        ws, factors, alphas, bs, small = [], [], [], [], []
+        folds: dict[float, tuple[list[Tensor], list[Tensor]]] = {}  # −lr: (restore terms, D)
+        for (i, group, p), (d, b) in zip(entries, directions, strict=True):
+            if i in self.small:
+                small.append(((i, group, p), d, -lrs[i]))
+                continue
+            if i in restore:  # β·ε·d − lr·D as one factor: restore + (−lr)·D, added after finish
+                terms, ds = folds.setdefault(-lrs[i], ([], []))
+                terms.append(restore[i])
+                ds.append(d)
+                d, alpha = restore[i], 1.0
+            else:
+                alpha = -lrs[i]
+            ws.append(p)
+            factors.append((d, b))
+            alphas.append(alpha)
+            bs.append(betas[i])
+        passes = opt._plan_add_directions(ws, factors, alphas, bs)
+
+        def apply(g: float) -> None:
+            finish(g)
+            for alpha, (terms, ds) in folds.items():
+                torch._foreach_add_(terms, ds, alpha=alpha)
+            passes()
+            self._update_small(small)
+
+        return apply
 
     @staticmethod
     def _update_small(items: list[tuple[tuple[int, dict, Tensor], Tensor, float]]) -> None:

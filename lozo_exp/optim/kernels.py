@@ -10,9 +10,9 @@
   runs at 2.9 TB/s. The normals differ from the precise transform by < 2e-4 (measured), far
   below what a float16/bfloat16 weight can hold, so z is still N(0, 1) to the weight's precision.
 - `lowrank_add_`: W ← β·W + α·A·Bᵀ for a small inner dimension r in one pass over W, 1.5-2×
-  faster than cuBLAS's `addmm_` with K = r (a GEMM tiled for large K). `lowrank_add_many_` does
-  it for hundreds of matrices in one launch (a table of addresses), so a step's update costs the
-  CPU one launch instead of hundreds.
+  faster than cuBLAS's `addmm_` with K = r (a GEMM tiled for large K). `plan_lowrank_add_many`
+  does it for hundreds of matrices in one launch (a table of addresses), so a step's update
+  costs the CPU one launch instead of hundreds, and the table is made before the loss sync.
 
 Triton is optional: without it (CPU, CI) draws come from `torch.Generator` and `lowrank_add_`
 falls back to `addmm_`.
@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
@@ -255,12 +256,16 @@ def _tiles(dims: tuple[torch.Size, ...], device: torch.device) -> tuple[Tensor, 
     return tuple(t.to(device) for t in (flat, mats, tiles))
 
 
-def lowrank_add_many_(
-    ws: list[Tensor], factors: list[tuple[Tensor, Tensor]], alphas: list[float],
+def plan_lowrank_add_many(
+    ws: list[Tensor],
+    factors: list[tuple[Tensor, Tensor]],
+    alphas: list[float],
     betas: list[float],
-) -> None:  # fmt: skip
-    """``lowrank_add_`` for many matrices (same dtype, device and rank) in one launch: a step's
-    hundreds of updates cost one launch, so the CPU never holds the GPU back."""
+) -> Callable[[], None]:
+    """``lowrank_add_`` for many matrices (same dtype, device and rank) in one launch, returned
+    as a function that launches it: a step's hundreds of updates cost the CPU one launch. All
+    the work but the launch (checks, the table of addresses and its upload) is done now, so it
+    can be done before the factors hold their values: the launch reads them as they are then."""
     r = factors[0][0].size(1) if factors else 0
     usable = bool(ws) and available(ws[0].device)
     ptrs: list[int] = []  # (w, a, b) addresses; the checks and the table in one pass
@@ -275,9 +280,12 @@ def lowrank_add_many_(
         ptrs += (w.data_ptr(), a.data_ptr(), b.data_ptr())
         shapes.append(w.shape)
     if not usable:
-        for w, (a, b), alpha, beta in zip(ws, factors, alphas, betas, strict=True):
-            lowrank_add_(w, a, b, alpha, beta)
-        return
+
+        def one_at_a_time() -> None:
+            for w, (a, b), alpha, beta in zip(ws, factors, alphas, betas, strict=True):
+                lowrank_add_(w, a, b, alpha, beta)
+
+        return one_at_a_time
     device = ws[0].device
     dims, mats, tiles = _tiles(tuple(shapes), device)
     coefs = [float(x) for ab in zip(alphas, betas, strict=True) for x in ab]
@@ -285,7 +293,17 @@ def lowrank_add_many_(
     ptrs_t = torch.tensor(ptrs, dtype=torch.int64).pin_memory().to(device, non_blocking=True)
     coefs_t = torch.tensor(coefs, dtype=torch.float32).pin_memory().to(device, non_blocking=True)
     aligned = all(n % 16 == 0 for _, n in shapes) and all(x % 16 == 0 for x in ptrs[::3])
+    table = (ptrs_t, dims, coefs_t, mats, tiles)
+    return functools.partial(_launch_many, ws, factors, table, r, aligned)
+
+
+def _launch_many(
+    ws: list[Tensor], factors: list[tuple[Tensor, Tensor]], table: tuple[Tensor, ...], r: int,
+    aligned: bool,
+) -> None:  # fmt: skip
+    """Launches a planned `lowrank_many_kernel`; holds ws and factors, which the table points
+    into, until then."""
+    ptrs, dims, coefs, mats, tiles = table
     bm, bn = _TILE
-    grid = (len(mats),)
-    lowrank_many_kernel[grid](ws[0], ptrs_t, dims, coefs_t, mats, tiles, R=r, BM=bm, BN=bn,
-                              ALIGNED=aligned)  # fmt: skip
+    lowrank_many_kernel[(len(mats),)](ws[0], ptrs, dims, coefs, mats, tiles, R=r, BM=bm, BN=bn,
+                                      ALIGNED=aligned)  # fmt: skip

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import Tensor
 
@@ -58,10 +60,16 @@ class LOZO(ZeroOrderOptimizer):
         vs.update(zip((i for i, _ in new), self._randn(draws, start), strict=True))
         return vs
 
-    def _update_directions(self, entries: list[tuple[int, Tensor]], g: float) -> list[Factors]:
-        directions = super()._update_directions(entries, g)
-        self._store_vs(entries, directions)
-        return directions
+    def _prepare_update(
+        self, entries: list[tuple[int, Tensor]]
+    ) -> tuple[list[Factors], Callable[[float], None]]:
+        directions, scale = super()._prepare_update(entries)
+
+        def finish(g: float) -> None:
+            scale(g)
+            self._store_vs(entries, directions)
+
+        return directions, finish
 
     def _store_vs(self, entries: list[tuple[int, Tensor]], directions: list[Factors]) -> None:
         """Keep each matrix's V with its interval's first step: the next steps of the interval
@@ -93,29 +101,37 @@ class LOZOM(LOZO):
         super().__init__(params, lr, eps, weight_decay, rank, interval, seed)
         self.beta = beta
 
-    def _update_directions(self, entries: list[tuple[int, Tensor]], g: float) -> list[Factors]:
+    def _prepare_update(
+        self, entries: list[tuple[int, Tensor]]
+    ) -> tuple[list[Factors], Callable[[float], None]]:
+        """N ← β·N + (1−β)·g·U per matrix (M ← β·M + (1−β)·g·z per 1-D tensor), N = g·U on its
+        first step. β·N (of N carried into the new V where this step starts an interval) is
+        made now, in new tensors; ``finish`` adds g's term and only then makes them the state."""
         start = self._start(self.step_count)
         states = [self.state[p] for _, p in entries]
-        # The V a matrix's buffer lives in, where this step starts a new interval (else None).
-        v_olds = [state.get("V") if state.get("V_start") != start else None for state in states]
         draws = [self._direction(i, p) for i, p in entries]  # unscaled: g enters N's update
-        self._store_vs(entries, draws)
-        bufs, us = [], []  # N ← β·N + (1−β)·g·U, for all of them in two launches
-        first = []  # (state, U) of buffers made this step: N = g·U (M = g·z)
-        for state, (u, v), v_old in zip(states, draws, v_olds, strict=True):
+        olds, us, first = [], [], []  # N and its U; U's copies, the first N once scaled by g
+        for state, (u, v) in zip(states, draws, strict=True):
             buf = state.get("momentum")
             if buf is None:
-                first.append((state, u))
+                first.append(u.clone())
                 continue
-            if v is not None and v_old is not None:
-                buf = state["momentum"] = buf @ (v_old.T @ v) / v.size(0)
-            bufs.append(buf)
+            v_old = state.get("V") if state.get("V_start") != start else None
+            if v is not None and v_old is not None:  # a new interval: N into the new row space
+                buf = buf @ (v_old.T @ v) / v.size(0)
+            olds.append(buf)
             us.append(u)
-        if bufs:
-            torch._foreach_mul_(bufs, self.beta)
-            torch._foreach_add_(bufs, us, alpha=(1 - self.beta) * g)
-        if first:  # new tensors, not views of the draws
-            made = torch._foreach_mul([u for _, u in first], g)
-            for (state, _), buf in zip(first, made, strict=True):
+        decayed = torch._foreach_mul(olds, self.beta) if olds else []
+        made, fresh = iter(decayed), iter(first)
+        news = [next(fresh) if s.get("momentum") is None else next(made) for s in states]
+
+        def finish(g: float) -> None:
+            if decayed:
+                torch._foreach_add_(decayed, us, alpha=(1 - self.beta) * g)
+            if first:
+                torch._foreach_mul_(first, g)
+            for state, buf in zip(states, news, strict=True):
                 state["momentum"] = buf
-        return [(state["momentum"], v) for state, (_, v) in zip(states, draws, strict=True)]
+            self._store_vs(entries, draws)
+
+        return [(n, v) for n, (_, v) in zip(news, draws, strict=True)], finish

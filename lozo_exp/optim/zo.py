@@ -81,7 +81,7 @@ class ZeroOrderOptimizer(Optimizer):
     """Two-point SPSA step shared by all estimators.
 
     Subclasses define the direction through two hooks: ``_factors`` (draw this step's direction
-    factors of tensors) and ``_update_directions`` (the step direction D of the update
+    factors of tensors) and ``_prepare_update`` (the step direction D of the update
     θ ← θ − lr·(D + wd·θ); default D = g·d). Applying factors is separate (``_add_direction``,
     ``_perturb``) so a fast engine can evaluate the perturbation as a side path instead.
     """
@@ -152,16 +152,25 @@ class ZeroOrderOptimizer(Optimizer):
         on CUDA a few launches make the draws of all tensors."""
         raise NotImplementedError
 
-    def _update_directions(self, entries: list[tuple[int, Tensor]], g: float) -> list[Factors]:
-        """Step direction D of the update of each (index, tensor) (plain ZO-SGD: g·d); may
-        update per-param state. Batched: a step's hundreds of tensors cost a few launches.
+    def _prepare_update(
+        self, entries: list[tuple[int, Tensor]]
+    ) -> tuple[list[Factors], Callable[[float], None]]:
+        """The step direction D of the update of each (index, tensor) (plain ZO-SGD: g·d), in two
+        parts: what g does not change is done now, and the returned ``finish(g)`` writes D into
+        the returned tensors and updates per-param state. So an engine can plan the update while
+        the GPU still evaluates the loss, and a skipped step (g not finite) changes no state.
+        Batched: a step's hundreds of tensors cost a few launches.
 
-        May scale the drawn factors in place: the update is their last use in a step.
+        ``finish`` may scale the drawn factors in place: the update is their last use in a step.
         """
         directions = [self._direction(i, p) for i, p in entries]
-        if directions:
-            torch._foreach_mul_([a for a, _ in directions], g)
-        return directions
+        scaled = [a for a, _ in directions]
+
+        def finish(g: float) -> None:
+            if scaled:
+                torch._foreach_mul_(scaled, g)
+
+        return directions, finish
 
     def _perturb(self, scale: float) -> None:
         """θ += scale·d for every tensor (override to perturb on a side path instead)."""
@@ -172,7 +181,8 @@ class ZeroOrderOptimizer(Optimizer):
         """θ ← θ − lr·(D + wd·θ) with each param group's lr and weight decay; one tensor at a
         time, so one direction-sized temporary."""
         for i, group, p in self._indexed_params():
-            ((a, b),) = self._update_directions([(i, p)], g)
+            ((a, b),), finish = self._prepare_update([(i, p)])
+            finish(g)
             if group["weight_decay"]:
                 p.mul_(1 - group["lr"] * group["weight_decay"])
             self._add_direction(p, a, b, -group["lr"])
@@ -203,22 +213,31 @@ class ZeroOrderOptimizer(Optimizer):
             p.mul_(beta).add_((a @ b.T).view(p.shape), alpha=alpha)
 
     @staticmethod
-    def _add_directions(
+    def _plan_add_directions(
         ps: list[Tensor], factors: list[Factors], alphas: list[float], betas: list[float]
-    ) -> None:
-        """``_add_direction`` for many tensors; the low-rank ones of one dtype, device and rank
-        go through one kernel launch."""
+    ) -> Callable[[], None]:
+        """``_add_direction`` for many tensors, returned as a function that applies them (the
+        factors are read then, not now); the low-rank ones of one dtype, device and rank go
+        through one kernel launch, planned now."""
         groups: dict[tuple, tuple[list, list, list, list]] = {}
+        singles = []
         for p, (a, b), alpha, beta in zip(ps, factors, alphas, betas, strict=True):
             if b is None or not p.is_contiguous():
-                ZeroOrderOptimizer._add_direction(p, a, b, alpha, beta)
+                singles.append((p, a, b, alpha, beta))
                 continue
             group = groups.setdefault((p.dtype, p.device, a.size(1)), ([], [], [], []))
             w = p if p.dim() == 2 else p.view(a.size(0), -1)
             for items, x in zip(group, (w, (a, b), alpha, beta), strict=True):
                 items.append(x)
-        for group in groups.values():
-            kernels.lowrank_add_many_(*group)
+        launches = [kernels.plan_lowrank_add_many(*group) for group in groups.values()]
+
+        def apply() -> None:
+            for single in singles:
+                ZeroOrderOptimizer._add_direction(*single)
+            for launch in launches:
+                launch()
+
+        return apply
 
     def _indexed_params(self) -> Iterator[tuple[int, dict[str, Any], Tensor]]:
         i = 0
