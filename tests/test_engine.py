@@ -228,15 +228,24 @@ def test_side_path_covers_opt_and_roberta_module_types(caplog):
 @pytest.mark.parametrize("cls", ALL)
 def test_non_finite_loss_restores_and_skips_the_update(cls):
     model = small_opt()
-    start = [p.clone() for p in model.parameters()]
     opt = make_opt(cls, model)
     FastEngine(opt, model)
     ids = batch(model)
+    for _ in range(4):  # state made (LOZO-M), and the skipped step starts an interval (new V)
+        opt.step(lambda: model(input_ids=ids, labels=ids).loss)
+    start = [p.clone() for p in model.parameters()]
+    state = copy.deepcopy(opt.state_dict())
     losses = iter([model(input_ids=ids, labels=ids).loss, torch.tensor(float("nan"))])
     opt.step(lambda: next(losses))
     assert opt.projected_grad != opt.projected_grad  # NaN
     for p, q in zip(model.parameters(), start, strict=True):
         torch.testing.assert_close(p, q, rtol=0, atol=1e-15)
+    after = opt.state_dict()
+    assert after["state"].keys() == state["state"].keys()
+    for k, kept in state["state"].items():  # the planned update changed no state
+        assert kept.keys() == after["state"][k].keys()
+        for name, value in kept.items():
+            torch.testing.assert_close(after["state"][k][name], value, rtol=0, atol=0)
 
 
 class HeavyBallMeZO(MeZO):
@@ -308,22 +317,27 @@ def test_lowrank_add_takes_batched_outputs_and_a_padded_factor(device):
             kernels.lowrank_add_(out, xv[:1], u, 0.5)
 
 
-@pytest.mark.skipif(not kernels.available(torch.device("cuda")), reason="needs CUDA and Triton")
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize(
     "shapes", [[(1000, 3000), (17, 5), (4096, 513), (1, 1)], [(64, 512), (5, 4096), (700, 1024)]]
 )  # widths not all multiples of 16, and all (the kernel then loads W's rows as vectors)
-def test_many_lowrank_updates_in_one_launch_equal_one_at_a_time(shapes):
-    gen = torch.Generator("cuda").manual_seed(0)
-    ws = [torch.randn(s, device="cuda", generator=gen).half() for s in shapes]
+def test_many_lowrank_updates_in_one_launch_equal_one_at_a_time(shapes, device):
+    """Planned before the factors hold their values (the engine plans before the loss sync):
+    the launch reads the factors as they are when it runs."""
+    gen = torch.Generator(device).manual_seed(0)
+    dtype = torch.float16 if device == "cuda" else torch.float32
+    ws = [torch.randn(s, device=device, generator=gen).to(dtype) for s in shapes]
     factors = [
-        tuple(torch.randn(k, 2, device="cuda", generator=gen).half() for k in shape)
+        tuple(torch.randn(k, 2, device=device, generator=gen).to(dtype) for k in shape)
         for shape in shapes
     ]
     alphas, betas = [0.5, -1.0, 2.0, 0.25][: len(shapes)], [0.9, 1.0, 0.5, 1.0][: len(shapes)]
+    launch = kernels.plan_lowrank_add_many(ws, factors, alphas, betas)
+    torch._foreach_mul_([a for a, _ in factors], 3.0)
     expected = [w.clone() for w in ws]
     for w, (a, b), alpha, beta in zip(expected, factors, alphas, betas, strict=True):
         kernels.lowrank_add_(w, a, b, alpha, beta)
-    kernels.plan_lowrank_add_many(ws, factors, alphas, betas)()
+    launch()
     for w, e in zip(ws, expected, strict=True):
         assert torch.equal(w, e)
 
