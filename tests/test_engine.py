@@ -350,19 +350,25 @@ def test_triton_draws_are_gaussian_and_the_fused_pass_matches_them(dtype):
     assert not torch.equal(z, kernels.normal(z.shape, 12346, dtype, z.device).float())
     p = torch.randn(z.shape, device="cuda", dtype=dtype)
     expected = 0.9 * p.float() + 0.25 * z
-    kernels.axpbz_(p, 12345, 0.9, 0.25)
+    kernels.axpbz_many_([p], [12345], [0.9], [0.25])
     torch.testing.assert_close(p.float(), expected, rtol=1e-3 if dtype == torch.float16 else 1e-6,
                                atol=1e-3 if dtype == torch.float16 else 1e-6)  # fmt: skip
 
 
 @pytest.mark.skipif(not kernels.available(torch.device("cuda")), reason="needs CUDA and Triton")
-def test_draws_made_together_equal_the_fused_pass_draw_of_each_tensor():
-    shapes = [(5,), (3, 4097), (1,), (2, 8192), (7, 3)]
-    keys = [11, 2**62 + 5, 13, 14, 15]
+@pytest.mark.parametrize(
+    "shapes", [[(5,), (3, 4097), (1,), (2, 8192), (7, 3)], [(32, 512), (12304,), (16,), (64, 64)]]
+)  # sizes not all multiples of 16, and all (the fused pass then moves vectors)
+def test_draws_made_together_equal_the_fused_pass_draw_of_each_tensor(shapes):
+    keys = [11, 2**62 + 5, 13, 14, 15][: len(shapes)]
     many = kernels.normal_many(shapes, keys, torch.float32, torch.device("cuda"))
-    for shape, key, z in zip(shapes, keys, many, strict=True):
+    ps = [torch.zeros(shape, device="cuda") for shape in shapes]
+    ones, zeros = [1.0] * len(shapes), [0.0] * len(shapes)
+    kernels.axpbz_many_(ps, keys, zeros, ones)  # p = z, every tensor in one launch
+    for shape, key, z, p in zip(shapes, keys, many, ps, strict=True):
         assert torch.equal(z, kernels.normal(shape, key, torch.float32, z.device))
-        p = torch.zeros(shape, device="cuda")
-        kernels.axpbz_(p, key, 0.0, 1.0)  # p = z, regenerated one program per block
         assert torch.equal(p, z)
-    assert not torch.equal(many[3][0, :5], many[4].flatten()[:5])
+        alone = torch.zeros(shape, device="cuda")
+        kernels.axpbz_many_([alone], [key], [0.0], [1.0])
+        assert torch.equal(alone, z)
+    assert len({z.flatten()[0].item() for z in many}) == len(many)  # unrelated streams

@@ -18,8 +18,8 @@ The plain step writes every weight four times (θ+εd, θ−εd, restore, update
   The many tiny 1-D tensors move with multi-tensor (`torch._foreach_*`) ops, where launches,
   not bytes, are the cost.
 - MeZO on CUDA with Triton: each pass is one fused kernel that regenerates z from its
-  counter-based key while it reads and writes the weight (`kernels.axpbz_`): three passes that
-  each touch every weight once, with no z in memory.
+  counter-based key while it reads and writes the weight (`kernels.axpbz_many_`, every weight
+  in one launch): three passes that each touch every weight once, with no z in memory.
 - LOZO's factors are drawn once per step, all in a few launches, and kept (they are small);
   MeZO's z is replayed (its 1-D tensors' z are kept too).
 - The GPU must never wait for the CPU. The loss sync before the update is unavoidable (g must be
@@ -244,54 +244,49 @@ class FastEngine:
     def _perturb_in_place(self, scale: float) -> None:
         """Moves every tensor perturbed in place (covered matrices only once their forward has
         chosen it: during the first evaluation that happens inside the forward)."""
-        opt = self.opt
         self._move_small(scale)
-        for i, _, p in self.params:
-            if i in self.small or (i in self.side and i not in self.in_place):
-                continue
-            if self._fused(p):
-                kernels.axpbz_(p, opt._key(i, "z"), 1.0, scale)
-            else:
-                opt._add_direction(p, *opt._direction(i, p), scale)
-
-    def _fused(self, p: Tensor) -> bool:
-        return self.fused_sgd and p.is_contiguous() and kernels.available(p.device)
+        self._move(dict.fromkeys(self._moved(self.params), (1.0, scale)))
 
     def _moved(self, entries: list[tuple[int, dict, Tensor]]) -> set[int]:
-        """The matrices of ``entries`` that carry θ−εd in place after the evaluations."""
+        """The matrices of ``entries`` perturbed in place (in-place ones and uncovered ones)."""
         return {
             i for i, _, p in entries
             if i not in self.small and (i not in self.side or i in self.in_place)
         }  # fmt: skip
 
+    def _move(self, coefs: dict[int, tuple[float, float]]) -> None:
+        """θ ← a·θ + b·d for the tensors ``coefs`` holds ({index: (a, b)}). Fused ZO-SGD passes
+        (z regenerated inside the pass) go in one launch per dtype; the others one at a time."""
+        opt = self.opt
+        fused: dict[tuple, tuple[list, list, list, list]] = {}
+        for i, _, p in self.params:
+            if i not in coefs:
+                continue
+            a, b = coefs[i]
+            if self.fused_sgd and p.is_contiguous() and kernels.available(p.device):
+                group = fused.setdefault((p.dtype, p.device), ([], [], [], []))
+                for items, x in zip(group, (p, opt._key(i, "z"), a, b), strict=True):
+                    items.append(x)
+            else:
+                opt._add_direction(p, *opt._direction(i, p), b, a)
+        for group in fused.values():
+            kernels.axpbz_many_(*group)
+
     def _restore(self) -> None:
         """θ−εd → θ for what is in place (a skipped step: g is not finite)."""
-        opt = self.opt
         if self.fused_sgd:  # the 1-D tensors (else restored before the loss sync)
-            self._move_small(opt.eps)
-        moved = self._moved(self.params)
-        for i, _, p in self.params:
-            if i not in moved:
-                continue
-            if self._fused(p):
-                kernels.axpbz_(p, opt._key(i, "z"), 1.0, opt.eps)
-            else:
-                opt._add_direction(p, *opt._direction(i, p), opt.eps)
+            self._move_small(self.opt.eps)
+        self._move(dict.fromkeys(self._moved(self.params), (1.0, self.opt.eps)))
 
     def _fused_update(self, g: float) -> None:
         """ZO-SGD: θ−εd → β·θ + (β·ε − lr·g)·d, restore and update in one pass per tensor
         (β = 1 − lr·wd); z is regenerated inside the pass where Triton runs it."""
-        opt = self.opt
         coef = {}
-        for i, group, p in self.params:
+        for i, group, _ in self.params:
             beta = 1.0 - group["lr"] * group["weight_decay"]
-            coef[i] = (beta, beta * opt.eps - group["lr"] * g)
-            if i in self.small:
-                continue
-            if self._fused(p):
-                kernels.axpbz_(p, opt._key(i, "z"), *coef[i])
-            else:
-                opt._add_direction(p, *opt._direction(i, p), coef[i][1], coef[i][0])
+            coef[i] = (beta, beta * self.opt.eps - group["lr"] * g)
+        moved = self._moved(self.params)
+        self._move({i: ab for i, ab in coef.items() if i in moved})
         _, zs, small = self.small_draws
         self._update_small([(e, z, coef[e[0]][1]) for e, z in zip(small, zs, strict=True)])
 

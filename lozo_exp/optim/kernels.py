@@ -93,9 +93,20 @@ if triton is not None:
         _store(out_ptr, base + 2 * Q, n, z2)
         _store(out_ptr, base + 3 * Q, n, z3)
 
+    # Many tensors in one launch: program pid works on block blocks[pid] of tensor items[pid];
+    # table holds each tensor's (address, key), sizes its size, coefs its (a, b).
     @triton.jit
-    def axpbz_kernel(p_ptr, n, seed, a, b, Q: tl.constexpr):
-        base, z0, z1, z2, z3 = _normals(seed, tl.program_id(0), Q)
+    def axpbz_many_kernel(like_ptr, table, sizes, coefs, items, blocks, Q: tl.constexpr,
+                          ALIGNED: tl.constexpr):  # fmt: skip
+        pid = tl.program_id(0)
+        item = tl.load(items + pid)
+        n = tl.load(sizes + item)
+        p_ptr = tl.load(table + 2 * item).to(tl.pointer_type(like_ptr.dtype.element_ty))
+        if ALIGNED:  # what Triton infers by itself for one tensor: loads and stores as vectors
+            n = tl.multiple_of(n, 16)
+            p_ptr = tl.multiple_of(p_ptr, 16)
+        a, b = tl.load(coefs + 2 * item), tl.load(coefs + 2 * item + 1)
+        base, z0, z1, z2, z3 = _normals(tl.load(table + 2 * item + 1), tl.load(blocks + pid), Q)
         _axpb(p_ptr, base, n, a, b, z0)
         _axpb(p_ptr, base + Q, n, a, b, z1)
         _axpb(p_ptr, base + 2 * Q, n, a, b, z2)
@@ -216,13 +227,33 @@ def normal(shape: tuple[int, ...], key: int, dtype: torch.dtype, device: torch.d
     return out
 
 
-def axpbz_(p: Tensor, key: int, a: float, b: float) -> None:
-    """p ← a·p + b·z in one pass, z = ``normal(p.shape, key)`` regenerated in registers."""
-    assert p.is_contiguous(), "the fused pass needs a contiguous tensor"
-    if p.numel():
-        axpbz_kernel[_grid(p.numel())](
-            p, p.numel(), key & _KEY_MASK, float(a), float(b), Q=BLOCK // 4
-        )
+@functools.lru_cache(maxsize=16)
+def _blocks(sizes: tuple[int, ...], device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
+    """The sizes on device, and each program's (tensor, block) for tensors of ``sizes``."""
+    items, within = _programs([(n + BLOCK - 1) // BLOCK for n in sizes])
+    return tuple(t.to(device) for t in (torch.tensor(sizes, dtype=torch.int64), items, within))
+
+
+def axpbz_many_(ps: list[Tensor], keys: list[int], a: list[float], b: list[float]) -> None:
+    """p ← a·p + b·z for each contiguous tensor p (one dtype and device) and its a, b, with
+    z = ``normal(p.shape, key)`` regenerated in registers, in one pass and one launch: MeZO's
+    pass over hundreds of weights costs the CPU one launch instead of hundreds."""
+    if not ps:
+        return
+    assert all(p.is_contiguous() and p.dtype == ps[0].dtype for p in ps), "contiguous, one dtype"
+    sizes = tuple(p.numel() for p in ps)
+    device = ps[0].device
+    n_tensors, items, within = _blocks(sizes, device)
+    ptrs = [p.data_ptr() for p in ps]
+    table = [x for ptr, key in zip(ptrs, keys, strict=True) for x in (ptr, key & _KEY_MASK)]
+    coefs = [float(x) for ab in zip(a, b, strict=True) for x in ab]
+    # Pinned and non-blocking, as in `normal_many`.
+    table_t = torch.tensor(table, dtype=torch.int64).pin_memory().to(device, non_blocking=True)
+    coefs_t = torch.tensor(coefs, dtype=torch.float32).pin_memory().to(device, non_blocking=True)
+    aligned = all(n % 16 == 0 for n in sizes) and all(x % 16 == 0 for x in ptrs)
+    if len(items):
+        axpbz_many_kernel[(len(items),)](ps[0], table_t, n_tensors, coefs_t, items, within,
+                                         Q=BLOCK // 4, ALIGNED=aligned)  # fmt: skip
 
 
 def lowrank_add_(w: Tensor, a: Tensor, b: Tensor, alpha: float, beta: float = 1.0) -> None:
