@@ -250,7 +250,7 @@ class FastEngine:
     def _moved(self, entries: list[tuple[int, dict, Tensor]]) -> set[int]:
         """The matrices of ``entries`` perturbed in place (in-place ones and uncovered ones)."""
         return {
-            i for i, _, p in entries
+            i for i, _, _ in entries
             if i not in self.small and (i not in self.side or i in self.in_place)
         }  # fmt: skip
 
