@@ -28,7 +28,7 @@ The plain step writes every weight four times (θ+εd, θ−εd, restore, update
   update: every part that g does not change, including the one-launch pass's table of addresses
   (`kernels.plan_lowrank_add_many`). After the sync: g's multi-tensor scaling of the directions
   and one launch. On OPT-13B at 32×64 tokens (an H200, under the profiler) the gaps between a
-  step's kernels went from 35 to 15 ms.
+  step's kernels went from 35 to ~10 ms.
 """
 
 from __future__ import annotations
@@ -157,7 +157,7 @@ class FastEngine:
         entries = [(i, p) for i, _, p in self.params]
         try:
             opt._draws = self._kept_draws(entries, opt.step_count) if keep else None
-            if isinstance(opt, LOZO):
+            if keep:
                 v_id = opt._v_id(opt.step_count)
                 for i, p in entries:
                     if i in self.side:

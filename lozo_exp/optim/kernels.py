@@ -189,8 +189,9 @@ def _programs(counts: list[int]) -> tuple[Tensor, Tensor]:
 
 @functools.lru_cache(maxsize=16)
 def _layout(sizes: tuple[int, ...], device: torch.device) -> tuple[list[int], list[Tensor]]:
-    """Where each draw of ``sizes`` starts in the shared buffer, and each program's (draw, block):
-    fixed for an optimizer's tensors, so made once."""
+    """Where each draw of ``sizes`` starts in the shared buffer, and the tables on device: the
+    starts, the sizes, and each program's (draw, block); a fused pass over tensors of these sizes
+    uses the last three. Fixed for an optimizer's tensors, so made once."""
     starts = [0]
     for n in sizes:
         starts.append(starts[-1] + n)
@@ -227,13 +228,6 @@ def normal(shape: tuple[int, ...], key: int, dtype: torch.dtype, device: torch.d
     return out
 
 
-@functools.lru_cache(maxsize=16)
-def _blocks(sizes: tuple[int, ...], device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
-    """The sizes on device, and each program's (tensor, block) for tensors of ``sizes``."""
-    items, within = _programs([(n + BLOCK - 1) // BLOCK for n in sizes])
-    return tuple(t.to(device) for t in (torch.tensor(sizes, dtype=torch.int64), items, within))
-
-
 def axpbz_many_(ps: list[Tensor], keys: list[int], a: list[float], b: list[float]) -> None:
     """p ← a·p + b·z for each contiguous tensor p (one dtype and device) and its a, b, with
     z = ``normal(p.shape, key)`` regenerated in registers, in one pass and one launch: MeZO's
@@ -243,7 +237,7 @@ def axpbz_many_(ps: list[Tensor], keys: list[int], a: list[float], b: list[float
     assert all(p.is_contiguous() and p.dtype == ps[0].dtype for p in ps), "contiguous, one dtype"
     sizes = tuple(p.numel() for p in ps)
     device = ps[0].device
-    n_tensors, items, within = _blocks(sizes, device)
+    _, (_, n_tensors, items, within) = _layout(sizes, device)
     ptrs = [p.data_ptr() for p in ps]
     table = [x for ptr, key in zip(ptrs, keys, strict=True) for x in (ptr, key & _KEY_MASK)]
     coefs = [float(x) for ab in zip(a, b, strict=True) for x in ab]
