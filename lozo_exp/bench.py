@@ -214,7 +214,7 @@ class Bench:
             return lambda: ref.step(closure)
         opt = self.optimizer(method.removesuffix("_torch"))
         if kind == "fast":
-            FastEngine(opt, self.model)
+            opt.use_engine(FastEngine(opt, self.model))
         return lambda: opt.step(closure)
 
     def update_pass(self) -> Callable[[], None]:

@@ -61,7 +61,7 @@ def build_optimizer(
     else:
         opt = MeZO(groups, **common)
     if method.engine == "fast":
-        FastEngine(opt, model)
+        opt.use_engine(FastEngine(opt, model))
     return opt
 
 

@@ -103,8 +103,13 @@ class ZeroOrderOptimizer(Optimizer):
         self._generators: dict[torch.device, torch.Generator] = {}
         # This step's drawn factors, kept by an engine that reuses them (None: draw on demand).
         self._draws: dict[int, Factors] | None = None
-        # Set by `lozo_exp.optim.engine.FastEngine(optimizer, model)`; None: the plain path.
+        # Runs the steps when set (``use_engine``); None: the plain path.
         self.engine: Any = None
+
+    def use_engine(self, engine: Any) -> Any:
+        """Run this optimizer's steps with ``engine`` (``engine.step(closure)``); returns it."""
+        self.engine = engine
+        return engine
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         group = {**self.defaults, **param_group}
