@@ -42,7 +42,7 @@ from torch import Tensor, nn
 
 from lozo_exp.config import RunConfig, validate
 from lozo_exp.models import load_model, load_tokenizer
-from lozo_exp.optim import LOZO, LOZOM, FastEngine, MeZO, ZeroOrderOptimizer, kernels
+from lozo_exp.optim import LOZO, LOZOM, FastEngine, MeZO, ZeroOrderOptimizer, add_direction, kernels
 from lozo_exp.tracking import synchronize
 
 log = logging.getLogger("lozo_exp.bench")
@@ -229,7 +229,7 @@ class Bench:
         def run() -> None:  # one launch per tensor: the GPU starts on the first at once
             with torch.no_grad():
                 for p, a, b in factors:
-                    ZeroOrderOptimizer._add_direction(p, a, b, 1e-9)
+                    add_direction(p, (a, b), 1e-9)
 
         return run
 

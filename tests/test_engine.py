@@ -14,7 +14,16 @@ from transformers import OPTConfig, OPTForCausalLM
 from lozo_exp.config import ConfigError, validate
 from lozo_exp.methods import build_optimizer
 from lozo_exp.models import load_model, load_tokenizer
-from lozo_exp.optim import LOZO, LOZOM, FastEngine, MeZO, ZeroOrderOptimizer, kernels
+from lozo_exp.optim import (
+    LOZO,
+    LOZOM,
+    Estimator,
+    FastEngine,
+    MeZO,
+    ZeroOrderOptimizer,
+    draw_key,
+    kernels,
+)
 
 ALL = [LOZO, LOZOM, MeZO]
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
@@ -27,7 +36,7 @@ def tiny_model(name: str, dtype: str, device: str = "cpu") -> nn.Module:
 
 
 def small_opt() -> nn.Module:
-    """An OPT with a 256-token vocabulary: 50 float64 steps in about a second."""
+    """An OPT with a 256-token vocabulary and two layers, in float64."""
     config = OPTConfig(
         vocab_size=256, hidden_size=32, num_hidden_layers=2, ffn_dim=64, num_attention_heads=4
     )
@@ -39,7 +48,7 @@ def make_opt(
     cls: type[ZeroOrderOptimizer], model: nn.Module, eps=1e-3, named=True
 ) -> ZeroOrderOptimizer:
     """Named parameters: no decay on biases and LayerNorms; unnamed: every tensor decays."""
-    kw = {} if issubclass(cls, MeZO) else {"rank": 2, "interval": 4}
+    kw = {"rank": 2, "interval": 4} if issubclass(cls, LOZO) else {}
     params = model.named_parameters() if named else model.parameters()
     return cls(params, lr=1e-2, eps=eps, weight_decay=0.1, seed=7, **kw)
 
@@ -50,6 +59,31 @@ def batch(model: nn.Module, seed: int = 0) -> torch.Tensor:
     return ids.to(next(model.parameters()).device)
 
 
+class ContractOnly:
+    """An estimator seen through `Estimator` alone: any other attribute is an error, and so is
+    setting one. The engine runs on it in every fast-vs-plain test."""
+
+    MEMBERS = frozenset(Estimator.__annotations__) | {
+        name for name in vars(Estimator) if not name.startswith("_")
+    }
+
+    def __init__(self, opt: ZeroOrderOptimizer) -> None:
+        object.__setattr__(self, "_opt", opt)
+
+    def __getattr__(self, name: str):
+        if name not in self.MEMBERS:
+            raise AttributeError(f"{name!r} is not part of the Estimator contract")
+        return getattr(object.__getattribute__(self, "_opt"), name)
+
+    def __setattr__(self, name: str, value) -> None:
+        raise AttributeError(f"an engine must not set {name!r} on the estimator")
+
+
+def attach(opt: ZeroOrderOptimizer, model: nn.Module, placement: str = "auto") -> FastEngine:
+    """The fast engine on ``opt``, built through the public contract alone."""
+    return opt.use_engine(FastEngine(ContractOnly(opt), model, placement=placement))
+
+
 def trajectory(
     model: nn.Module, cls, fast: str | None, steps: int, eps=1e-3, named=True
 ) -> tuple[list, list]:
@@ -58,7 +92,7 @@ def trajectory(
     model = copy.deepcopy(model)
     opt = make_opt(cls, model, eps, named)
     if fast:
-        FastEngine(opt, model, placement=fast)
+        attach(opt, model, fast)
     losses, weights = [], []
     for k in range(steps):
         ids = batch(model, k)
@@ -88,18 +122,30 @@ def test_fast_equals_plain_in_float32(name, cls, placement, device):
         assert (a - b).abs().max() < 1e-3 * moved
 
 
-@pytest.mark.parametrize("placement", PLACEMENTS)
-@pytest.mark.parametrize("named", [True, False])
-@pytest.mark.parametrize("cls", ALL)
-def test_fifty_step_trajectories_identical_in_float64(cls, named, placement):
-    if cls is MeZO and placement != "auto":
-        pytest.skip("MeZO has no side path")
-    model = small_opt()
-    runs = (trajectory(model, cls, f, 50, named=named) for f in (None, placement))
-    (lp, wp), (lf, wf) = runs
+def assert_same_trajectory(model: nn.Module, cls, placement: str, steps: int, named=True) -> None:
+    """Fast and plain give the same losses and weights after every step, in float64."""
+    (lp, wp), (lf, wf) = (trajectory(model, cls, f, steps, named=named) for f in (None, placement))
     torch.testing.assert_close(torch.tensor(lf), torch.tensor(lp), rtol=1e-12, atol=0)
     for a, b in zip(wf, wp, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    assert not torch.equal(wf[-1], wf[0])
+
+
+TRAJECTORIES = [(c, p) for c in ALL for p in PLACEMENTS if c is not MeZO or p == "auto"]
+
+
+@pytest.mark.parametrize("named", [True, False])
+@pytest.mark.parametrize(("cls", "placement"), TRAJECTORIES)
+def test_trajectories_identical_in_float64(cls, named, placement):
+    """Six steps (interval 4: V is redrawn at step 4, LOZO-M carries its momentum into it)."""
+    assert_same_trajectory(small_opt(), cls, placement, 6, named)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("named", [True, False])
+@pytest.mark.parametrize(("cls", "placement"), TRAJECTORIES)
+def test_fifty_step_trajectories_identical_in_float64(cls, named, placement):
+    assert_same_trajectory(small_opt(), cls, placement, 50, named)
 
 
 @pytest.mark.parametrize("cls", [LOZO, LOZOM])
@@ -108,7 +154,7 @@ def test_resume_mid_run_discards_the_draws_made_ahead(cls):
     (or another seed) must not use them."""
     model = small_opt()
     opt = make_opt(cls, model)
-    FastEngine(opt, model)
+    attach(opt, model)
     ids = batch(model)
 
     def run(steps: int) -> list[torch.Tensor]:
@@ -129,17 +175,17 @@ def test_resume_mid_run_discards_the_draws_made_ahead(cls):
 @pytest.mark.parametrize("cls", [LOZO, LOZOM])
 def test_padded_v_is_made_once_per_interval_and_equals_v(cls):
     """V is padded for x·V once per interval, though the draws made ahead give an equal but
-    distinct V tensor every other step (padding it anew each step cost 240 launches on OPT-13B)."""
+    distinct V tensor every other step (padding it anew each step is a launch per matrix)."""
     model = small_opt()
     opt = make_opt(cls, model)  # interval 4
-    engine = FastEngine(opt, model)
+    strategy = attach(opt, model).strategy
     ids = batch(model)
-    index = next(iter(engine.side))
+    index = next(iter(strategy.side))
     padded = []
     for _ in range(6):
         opt.step(lambda: model(input_ids=ids, labels=ids).loss)
-        padded.append(engine._padded_v[index][1])
-        v = opt.state[dict((i, p) for i, _, p in opt._indexed_params())[index]]["V"]
+        padded.append(strategy.padded_v[index][1])
+        v = opt.state[dict((i, p) for i, _, p in opt.indexed_params())[index]]["V"]
         assert torch.equal(padded[-1][:, : opt.rank], v)
         assert not padded[-1][:, opt.rank :].any()
     assert all(x is padded[0] for x in padded[:4])
@@ -151,8 +197,8 @@ def test_padded_v_is_made_once_per_interval_and_equals_v(cls):
 def test_side_path_weights_bit_identical_during_both_evaluations(name, cls):
     model = tiny_model(name, "float32")
     opt = make_opt(cls, model)
-    engine = FastEngine(opt, model, placement="side")
-    side = [p for i, _, p in opt._indexed_params() if i in engine.side]
+    strategy = attach(opt, model, "side").strategy
+    side = [p for i, _, p in opt.indexed_params() if i in strategy.side]
     ids = batch(model)
     for _ in range(2):
         before = [p.clone() for p in side]
@@ -174,9 +220,9 @@ def test_auto_placement_moves_a_linear_in_place_when_its_pass_is_cheaper():
     LM head stay on the side path; at 20 tokens all stay there."""
     model = small_opt()
     opt = make_opt(LOZO, model)
-    engine = FastEngine(opt, model)
+    strategy = attach(opt, model).strategy
     by_id = {id(p): n for n, p in model.named_parameters()}
-    names = {i: by_id[id(p)] for i, _, p in opt._indexed_params()}
+    names = {i: by_id[id(p)] for i, _, p in opt.indexed_params()}
     for length, expected in (
         (10, {"q_proj", "k_proj", "v_proj", "out_proj", "fc1"}),
         (20 // 3, set()),
@@ -186,12 +232,12 @@ def test_auto_placement_moves_a_linear_in_place_when_its_pass_is_cheaper():
 
         def closure(ids=ids, seen=seen):
             loss = model(input_ids=ids, labels=ids).loss
-            seen.append({names[i].split(".")[-2] for i in engine.in_place})
+            seen.append({names[i].split(".")[-2] for i in strategy.in_place})
             return loss
 
         opt.step(closure)
         assert seen == [expected, expected]
-        assert engine.in_place == set()  # reset after the step
+        assert strategy.in_place == set()  # reset after the step
     with pytest.raises(ValueError, match="placement='fastest' is not one of auto, side, in_place"):
         FastEngine(opt, model, placement="fastest")
 
@@ -208,19 +254,19 @@ def test_side_path_covers_opt_and_roberta_module_types(caplog):
         model = tiny_model(name, "float32")
         opt = make_opt(LOZO, model)
         with caplog.at_level(logging.INFO, logger="lozo_exp.optim.engine"):
-            engine = FastEngine(opt, model)
+            side = attach(opt, model).strategy.side
         modules = {id(m): n.rsplit(".", 1)[-1] for n, m in model.named_modules()}
-        covered = {modules[id(m)] for ms in engine.side.values() for m in ms}
+        covered = {modules[id(m)] for ms in side.values() for m in ms}
         assert kinds <= covered, kinds - covered
         # The tied LM head shares the input embedding's weight: both modules get the term.
         emb = model.get_input_embeddings()
         head = model.get_output_embeddings()
         assert head.weight is emb.weight
-        (tied,) = [ms for ms in engine.side.values() if emb in ms]
+        (tied,) = [ms for ms in side.values() if emb in ms]
         assert head in tied
         # Every matrix is on the side path except OPT's positional embedding (custom forward).
-        matrices = [i for i, _, p in opt._indexed_params() if p.dim() == 2]
-        missing = [i for i in matrices if i not in engine.side]
+        matrices = [i for i, _, p in opt.indexed_params() if p.dim() == 2]
+        missing = [i for i in matrices if i not in side]
         assert len(missing) == (1 if name == "tiny-opt" else 0)
     assert "model.decoder.embed_positions.weight" in caplog.text
 
@@ -229,7 +275,7 @@ def test_side_path_covers_opt_and_roberta_module_types(caplog):
 def test_non_finite_loss_restores_and_skips_the_update(cls):
     model = small_opt()
     opt = make_opt(cls, model)
-    FastEngine(opt, model)
+    attach(opt, model)
     ids = batch(model)
     for _ in range(4):  # state made (LOZO-M), and the skipped step starts an interval (new V)
         opt.step(lambda: model(input_ids=ids, labels=ids).loss)
@@ -252,8 +298,8 @@ class HeavyBallMeZO(MeZO):
     """MeZO with momentum on z: an estimator whose update direction is not g·z, so the engine
     cannot fold it into the fused pass and replays full-size draws one tensor at a time."""
 
-    def _prepare_update(self, entries):
-        directions, scale = super()._prepare_update(entries)
+    def prepare_update(self, entries, factors):
+        directions, scale = super().prepare_update(entries, factors)
         ms = [torch.empty_like(z) for z, _ in directions]
 
         def finish(g):
@@ -266,14 +312,85 @@ class HeavyBallMeZO(MeZO):
         return [(m, None) for m in ms], finish
 
 
-def test_engine_equals_plain_for_an_estimator_with_its_own_update_direction():
+class RademacherZO(ZeroOrderOptimizer):
+    """A new estimator written against the public interface alone: ZO-SGD along random signs,
+    d = sign(z) of a keyed Gaussian draw per tensor."""
+
+    def draw(self, entries, step):
+        zs = self.randn([(p, tuple(p.shape), i, "z") for i, p in entries], step)
+        return [(z.sign(), None) for z in zs]
+
+
+class BlockSparseZO(ZeroOrderOptimizer):
+    """A new low-rank estimator, public interface alone: each matrix moves along ``k`` of its
+    columns, chosen anew every step: d = U·Vᵀ with U Gaussian (m×k) and V one-hot (n×k);
+    1-D tensors along a full z. The engine runs it on the side path."""
+
+    low_rank = True
+    k = 3
+
+    def draw(self, entries, step):
+        shapes = [(p.size(0), self.k) if p.dim() >= 2 else tuple(p.shape) for _, p in entries]
+        kinds = ["U" if p.dim() >= 2 else "z" for _, p in entries]
+        draws = [(p, s, i, c) for (i, p), s, c in zip(entries, shapes, kinds, strict=True)]
+        zs = self.randn(draws, step)
+        out = []
+        for (i, p), z in zip(entries, zs, strict=True):
+            v = None
+            if p.dim() >= 2:
+                gen = torch.Generator().manual_seed(draw_key(self.seed, step, i, "V"))
+                columns = torch.randperm(p.numel() // p.size(0), generator=gen)[: self.k]
+                v = torch.zeros(p.numel() // p.size(0), self.k, dtype=p.dtype, device=p.device)
+                v[columns, torch.arange(self.k)] = 1.0
+            out.append((z, v))
+        return out
+
+
+class OwnVLOZO(LOZO):
+    """LOZO whose D carries its own copy of V: the engine cannot fold the restore of an
+    in-place matrix into its update, and restores it before the loss sync instead."""
+
+    def prepare_update(self, entries, factors):
+        directions, finish = super().prepare_update(entries, factors)
+        return [(d, None if v is None else v.clone()) for d, v in directions], finish
+
+
+@pytest.mark.parametrize("placement", PLACEMENTS)
+@pytest.mark.parametrize("cls", [HeavyBallMeZO, RademacherZO, BlockSparseZO, OwnVLOZO])
+def test_engine_equals_plain_for_estimators_added_through_the_public_interface(cls, placement):
+    if not cls.low_rank and placement != "auto":
+        pytest.skip("no side path: placement does not apply")
+    assert_same_trajectory(small_opt(), cls, placement, 6)
+
+
+def test_toy_estimators_draw_what_they_say():
+    """The toys are what their names say (so the test above covers what it claims)."""
     model = small_opt()
-    runs = [trajectory(model, HeavyBallMeZO, placement, 6) for placement in (None, "auto")]
-    (lp, wp), (lf, wf) = runs
-    torch.testing.assert_close(torch.tensor(lf), torch.tensor(lp), rtol=1e-12, atol=0)
-    for a, b in zip(wf, wp, strict=True):
-        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
-    assert not torch.equal(wf[-1], wf[0])
+    entries = [(i, p) for i, _, p in make_opt(MeZO, model).indexed_params()]
+    (i, w), (j, b) = (
+        next(e for e in entries if e[1].dim() == 2),
+        next(e for e in entries if e[1].dim() == 1),
+    )
+    ((sign, _),) = RademacherZO(model.parameters(), lr=0.1).draw([(i, w)], 0)
+    assert set(sign.unique().tolist()) == {-1.0, 1.0}
+    opt = BlockSparseZO(model.parameters(), lr=0.1)
+    ((u, v), (z, none)) = opt.draw([(i, w), (j, b)], 5)
+    assert u.shape == (w.size(0), 3) and none is None and z.shape == b.shape
+    assert torch.equal(v.sum(0), torch.ones(3)) and v.sum(1).max() == 1  # 3 distinct columns
+    assert not torch.equal(v, opt.draw([(i, w)], 6)[0][1])  # chosen anew every step
+
+
+def test_engine_is_attached_explicitly():
+    model = small_opt()
+    opt = make_opt(LOZO, model)
+    engine = FastEngine(opt, model)
+    assert opt.engine is None  # building an engine attaches nothing
+    assert opt.use_engine(engine) is engine and opt.engine is engine
+    assert isinstance(opt, Estimator)
+    assert type(engine.strategy).__name__ == "LowRankSidePath"
+    assert type(FastEngine(make_opt(MeZO, model), model).strategy).__name__ == "FusedSGD"
+    heavy = FastEngine(make_opt(HeavyBallMeZO, model), model)
+    assert type(heavy.strategy).__name__ == "ReplayedDraws"
 
 
 def test_method_engine_selects_the_path_and_is_validated():
@@ -350,7 +467,7 @@ def test_triton_draws_are_gaussian_and_the_fused_pass_matches_them(dtype):
     assert not torch.equal(z, kernels.normal(z.shape, 12346, dtype, z.device).float())
     p = torch.randn(z.shape, device="cuda", dtype=dtype)
     expected = 0.9 * p.float() + 0.25 * z
-    kernels.axpbz_many_([p], [12345], [0.9], [0.25])
+    kernels.axpbz_many_([p], [12345], alphas=[0.25], betas=[0.9])
     torch.testing.assert_close(p.float(), expected, rtol=1e-3 if dtype == torch.float16 else 1e-6,
                                atol=1e-3 if dtype == torch.float16 else 1e-6)  # fmt: skip
 
@@ -364,11 +481,11 @@ def test_draws_made_together_equal_the_fused_pass_draw_of_each_tensor(shapes):
     many = kernels.normal_many(shapes, keys, torch.float32, torch.device("cuda"))
     ps = [torch.zeros(shape, device="cuda") for shape in shapes]
     ones, zeros = [1.0] * len(shapes), [0.0] * len(shapes)
-    kernels.axpbz_many_(ps, keys, zeros, ones)  # p = z, every tensor in one launch
+    kernels.axpbz_many_(ps, keys, alphas=ones, betas=zeros)  # p = z, every tensor in one launch
     for shape, key, z, p in zip(shapes, keys, many, ps, strict=True):
         assert torch.equal(z, kernels.normal(shape, key, torch.float32, z.device))
         assert torch.equal(p, z)
         alone = torch.zeros(shape, device="cuda")
-        kernels.axpbz_many_([alone], [key], [0.0], [1.0])
+        kernels.axpbz_many_([alone], [key], alphas=[1.0], betas=[0.0])
         assert torch.equal(alone, z)
     assert len({z.flatten()[0].item() for z in many}) == len(many)  # unrelated streams

@@ -228,8 +228,8 @@ def normal(shape: tuple[int, ...], key: int, dtype: torch.dtype, device: torch.d
     return out
 
 
-def axpbz_many_(ps: list[Tensor], keys: list[int], a: list[float], b: list[float]) -> None:
-    """p ← a·p + b·z for each contiguous tensor p (one dtype and device) and its a, b, with
+def axpbz_many_(ps: list[Tensor], keys: list[int], alphas: list[float], betas: list[float]) -> None:
+    """p ← β·p + α·z for each contiguous tensor p (one dtype and device) and its α, β, with
     z = ``normal(p.shape, key)`` regenerated in registers, in one pass and one launch: MeZO's
     pass over hundreds of weights costs the CPU one launch instead of hundreds."""
     if not ps:
@@ -240,7 +240,7 @@ def axpbz_many_(ps: list[Tensor], keys: list[int], a: list[float], b: list[float
     _, (_, n_tensors, items, within) = _layout(sizes, device)
     ptrs = [p.data_ptr() for p in ps]
     table = [x for ptr, key in zip(ptrs, keys, strict=True) for x in (ptr, key & _KEY_MASK)]
-    coefs = [float(x) for ab in zip(a, b, strict=True) for x in ab]
+    coefs = [float(x) for ab in zip(betas, alphas, strict=True) for x in ab]  # the kernel's (a, b)
     # Pinned and non-blocking, as in `normal_many`.
     table_t = torch.tensor(table, dtype=torch.int64).pin_memory().to(device, non_blocking=True)
     coefs_t = torch.tensor(coefs, dtype=torch.float32).pin_memory().to(device, non_blocking=True)

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Hashable
 
 import torch
 from torch import Tensor
 
-from lozo_exp.optim.zo import Factors, Params, ZeroOrderOptimizer, _require
+from lozo_exp.optim.estimator import Entry, Factors, Finish
+from lozo_exp.optim.zo import Params, ZeroOrderOptimizer, _require
 
 
 class LOZO(ZeroOrderOptimizer):
@@ -15,6 +16,8 @@ class LOZO(ZeroOrderOptimizer):
     redrawn every ``interval`` steps, so consecutive steps explore one rank-r row space.
     1-D tensors get MeZO's full Gaussian z.
     """
+
+    low_rank = True
 
     def __init__(
         self,
@@ -36,34 +39,36 @@ class LOZO(ZeroOrderOptimizer):
         """The first step of ``step``'s interval: V is drawn keyed by it."""
         return step - step % self.interval
 
-    def _v_id(self, step: int) -> tuple:
-        """What every matrix's V at ``step`` is a function of (with the matrix's index and
-        shape): an engine may keep work derived from V under it."""
+    def draw_id(self, step: int) -> Hashable:
+        return (self.seed, step, self.rank, self.interval)
+
+    def v_id(self, step: int) -> Hashable:
+        """V is drawn once per interval, keyed by its first step."""
         return (self.seed, self.rank, self._start(step))
 
-    def _factors(self, entries: list[tuple[int, Tensor]], step: int) -> list[Factors]:
+    def draw(self, entries: list[Entry], step: int) -> list[Factors]:
         draws = [
             (p, tuple(p.shape), i, "z") if p.dim() < 2 else (p, (p.size(0), self.rank), i, "U")
             for i, p in entries
         ]
         vs = self._vs([(i, p) for i, p in entries if p.dim() >= 2], step)
-        zs = self._randn(draws, step)
+        zs = self.randn(draws, step)
         return [(d, vs.get(i)) for (i, _), d in zip(entries, zs, strict=True)]
 
-    def _vs(self, matrices: list[tuple[int, Tensor]], step: int) -> dict[int, Tensor]:
+    def _vs(self, matrices: list[Entry], step: int) -> dict[int, Tensor]:
         """The V of each matrix at ``step``: the one the last update stored if it belongs to the
         same interval, else a draw keyed by the interval's first step (the same numbers)."""
         start = self._start(step)
         vs = {i: self.state[p]["V"] for i, p in matrices if self.state[p].get("V_start") == start}
         new = [(i, p) for i, p in matrices if i not in vs]
         draws = [(p, (p.numel() // p.size(0), self.rank), i, "V") for i, p in new]
-        vs.update(zip((i for i, _ in new), self._randn(draws, start), strict=True))
+        vs.update(zip((i for i, _ in new), self.randn(draws, start), strict=True))
         return vs
 
-    def _prepare_update(
-        self, entries: list[tuple[int, Tensor]]
-    ) -> tuple[list[Factors], Callable[[float], None]]:
-        directions, scale = super()._prepare_update(entries)
+    def prepare_update(
+        self, entries: list[Entry], factors: list[Factors]
+    ) -> tuple[list[Factors], Finish]:
+        directions, scale = super().prepare_update(entries, factors)
 
         def finish(g: float) -> None:
             scale(g)
@@ -71,7 +76,7 @@ class LOZO(ZeroOrderOptimizer):
 
         return directions, finish
 
-    def _store_vs(self, entries: list[tuple[int, Tensor]], directions: list[Factors]) -> None:
+    def _store_vs(self, entries: list[Entry], directions: list[Factors]) -> None:
         """Keep each matrix's V with its interval's first step: the next steps of the interval
         reuse it, and LOZO-M carries its momentum from it into the next interval's V."""
         start = self._start(self.step_count)
@@ -101,17 +106,16 @@ class LOZOM(LOZO):
         super().__init__(params, lr, eps, weight_decay, rank, interval, seed)
         self.beta = beta
 
-    def _prepare_update(
-        self, entries: list[tuple[int, Tensor]]
-    ) -> tuple[list[Factors], Callable[[float], None]]:
+    def prepare_update(
+        self, entries: list[Entry], factors: list[Factors]
+    ) -> tuple[list[Factors], Finish]:
         """N ← β·N + (1−β)·g·U per matrix (M ← β·M + (1−β)·g·z per 1-D tensor), N = g·U on its
         first step. β·N (of N carried into the new V where this step starts an interval) is
         made now, in new tensors; ``finish`` adds g's term and only then makes them the state."""
         start = self._start(self.step_count)
         states = [self.state[p] for _, p in entries]
-        draws = [self._direction(i, p) for i, p in entries]  # unscaled: g enters N's update
         olds, us, first = [], [], []  # N and its U; U's copies, the first N once scaled by g
-        for state, (u, v) in zip(states, draws, strict=True):
+        for state, (u, v) in zip(states, factors, strict=True):  # unscaled: g enters in finish
             buf = state.get("momentum")
             if buf is None:
                 first.append(u.clone())
@@ -132,6 +136,6 @@ class LOZOM(LOZO):
                 torch._foreach_mul_(first, g)
             for state, buf in zip(states, news, strict=True):
                 state["momentum"] = buf
-            self._store_vs(entries, draws)
+            self._store_vs(entries, factors)
 
-        return [(n, v) for n, (_, v) in zip(news, draws, strict=True)], finish
+        return [(n, v) for n, (_, v) in zip(news, factors, strict=True)], finish

@@ -1,7 +1,8 @@
 """Two-point (SPSA) zeroth-order optimizers: the shared step and MeZO.
 
 A step perturbs the weights in place along a random direction d, evaluates the loss at θ+εd
-and θ−εd, restores θ and moves along d scaled by the slope g = (loss1 − loss2) / 2ε. The
+and θ−εd, restores θ and moves along d scaled by the slope g = (loss1 − loss2) / 2ε (the
+contract an estimator offers whatever runs its steps: `lozo_exp.optim.estimator`). The
 direction is never stored: every draw is a pure function of (seed, step, tensor index, kind),
 so the update regenerates exactly the perturbation's draws (the published LOZO code does not on
 V-refresh steps), memory stays at one direction-sized temporary per tensor, and the global RNG
@@ -12,7 +13,7 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Hashable, Iterable
 from typing import Any
 
 import torch
@@ -20,9 +21,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from lozo_exp.optim import kernels
-
-Factors = tuple[Tensor, Tensor | None]
-"""Direction of one tensor: (z, None) means d = z; (U, V) means d = U·Vᵀ on its m×n view."""
+from lozo_exp.optim.estimator import Entry, Factors, Finish, StepEngine, add_direction
 
 Draw = tuple[Tensor, tuple[int, ...], int, str]
 """A keyed draw: (tensor whose dtype and device it takes, shape, tensor index, kind)."""
@@ -78,13 +77,17 @@ def _require(ok: bool, name: str, value: object, valid: str) -> None:
 
 
 class ZeroOrderOptimizer(Optimizer):
-    """Two-point SPSA step shared by all estimators.
+    """Two-point SPSA step shared by all estimators; implements `Estimator`, the contract with
+    whatever runs the steps (this class's plain in-place path, or an engine set by
+    ``use_engine``).
 
-    Subclasses define the direction through two hooks: ``_factors`` (draw this step's direction
-    factors of tensors) and ``_prepare_update`` (the step direction D of the update
-    θ ← θ − lr·(D + wd·θ); default D = g·d). Applying factors is separate (``_add_direction``,
-    ``_perturb``) so a fast engine can evaluate the perturbation as a side path instead.
+    A new estimator subclasses this and overrides ``draw`` (its direction distribution, from
+    keyed draws: ``randn`` or `draw_key`); ``prepare_update`` for a step direction D other than
+    g·d; ``low_rank`` (with ``v_id``) when matrices move along (U, V) factors. The module
+    docstring of `lozo_exp.optim.estimator` says what each must guarantee.
     """
+
+    low_rank = False
 
     def __init__(
         self, params: Params, lr: float, eps: float = 1e-3, weight_decay: float = 0.0, seed: int = 0
@@ -101,13 +104,12 @@ class ZeroOrderOptimizer(Optimizer):
         self.projected_grad: float | None = None
         self.last_losses: tuple[float, float] | None = None
         self._generators: dict[torch.device, torch.Generator] = {}
-        # This step's drawn factors, kept by an engine that reuses them (None: draw on demand).
-        self._draws: dict[int, Factors] | None = None
         # Runs the steps when set (``use_engine``); None: the plain path.
-        self.engine: Any = None
+        self.engine: StepEngine | None = None
 
-    def use_engine(self, engine: Any) -> Any:
-        """Run this optimizer's steps with ``engine`` (``engine.step(closure)``); returns it."""
+    def use_engine(self, engine: StepEngine | None) -> StepEngine | None:
+        """Run this optimizer's steps with ``engine`` (``engine.step(closure)``; None: the plain
+        path); returns it."""
         self.engine = engine
         return engine
 
@@ -131,132 +133,91 @@ class ZeroOrderOptimizer(Optimizer):
         return loss1
 
     def _plain_step(self, closure: Callable[[], Tensor | float]) -> Tensor | float:
-        """The reference path: perturb, evaluate, perturb, evaluate, restore, update, in place."""
+        """The reference path: perturb, evaluate, perturb, evaluate, restore, update, in place,
+        one tensor at a time (one direction-sized temporary)."""
         self._perturb(self.eps)
         loss1 = closure()
         self._perturb(-2 * self.eps)
         loss2 = closure()
         self._perturb(self.eps)
-        g = self._slope(loss1, loss2)
+        g = self.slope(loss1, loss2)
         if g is not None:
             self._update(g)
         return loss1
 
-    def _slope(self, loss1: Tensor | float, loss2: Tensor | float) -> float | None:
+    def _perturb(self, scale: float) -> None:
+        """θ += scale·d for every tensor."""
+        for i, _, p in self.indexed_params():
+            add_direction(p, self._draw_one(i, p), scale)
+
+    def _update(self, g: float) -> None:
+        """θ ← β·θ − lr·D with each param group's lr and β = 1 − lr·wd."""
+        for i, group, p in self.indexed_params():
+            (direction,), finish = self.prepare_update([(i, p)], [self._draw_one(i, p)])
+            finish(g)
+            if group["weight_decay"]:
+                p.mul_(1 - group["lr"] * group["weight_decay"])
+            add_direction(p, direction, -group["lr"])
+
+    def _draw_one(self, index: int, p: Tensor) -> Factors:
+        return self.draw([(index, p)], self.step_count)[0]
+
+    # -- the contract with a runner (`Estimator`) -------------------------------------------
+
+    def indexed_params(self) -> list[tuple[int, dict[str, Any], Tensor]]:
+        """Every tensor with its index and param group, in a fixed order."""
+        return [
+            (i, group, p)
+            for i, (group, p) in enumerate((g, p) for g in self.param_groups for p in g["params"])
+        ]
+
+    def draw(self, entries: list[Entry], step: int) -> list[Factors]:
+        """The direction factors of each (index, tensor) at ``step``: pure functions of their
+        keys. Drawn together, so that on CUDA a few launches make the draws of all tensors."""
+        raise NotImplementedError(f"{type(self).__name__} must define draw(entries, step)")
+
+    def draw_id(self, step: int) -> Hashable:
+        """What the draws of ``step`` are a function of (a subclass adds its settings)."""
+        return (self.seed, step)
+
+    def v_id(self, step: int) -> Hashable:
+        """What every matrix's V at ``step`` is a function of: by default, the step's draws."""
+        return self.draw_id(step)
+
+    def normal_keys(self, entries: list[Entry], step: int) -> list[int] | None:
+        """None: the directions are not promised to be ``kernels.normal`` draws (MeZO's are)."""
+        return None
+
+    def prepare_update(
+        self, entries: list[Entry], factors: list[Factors]
+    ) -> tuple[list[Factors], Finish]:
+        """Plain ZO-SGD: D = g·d; ``finish(g)`` scales the drawn factors in place (one
+        multi-tensor launch for a step's hundreds of tensors)."""
+        scaled = [a for a, _ in factors]
+
+        def finish(g: float) -> None:
+            if scaled:
+                torch._foreach_mul_(scaled, g)
+
+        return factors, finish
+
+    def slope(self, loss1: Tensor | float, loss2: Tensor | float) -> float | None:
         """Record the losses and g = (loss1 − loss2) / 2ε; None when g is not finite (a NaN or
         inf loss must not poison the weights)."""
         self.last_losses = (float(loss1), float(loss2))
         self.projected_grad = (self.last_losses[0] - self.last_losses[1]) / (2 * self.eps)
         return self.projected_grad if math.isfinite(self.projected_grad) else None
 
-    # -- hooks ------------------------------------------------------------------------------
+    # -- for subclasses ---------------------------------------------------------------------
 
-    def _factors(self, entries: list[tuple[int, Tensor]], step: int) -> list[Factors]:
-        """The direction factors of each (index, tensor) at ``step``; pure functions of the keys
-        (so an engine may draw the next step's while the GPU is busy). Drawn together, so that
-        on CUDA a few launches make the draws of all tensors."""
-        raise NotImplementedError
-
-    def _prepare_update(
-        self, entries: list[tuple[int, Tensor]]
-    ) -> tuple[list[Factors], Callable[[float], None]]:
-        """The step direction D of the update of each (index, tensor) (plain ZO-SGD: g·d), in two
-        parts: what g does not change is done now, and the returned ``finish(g)`` writes D into
-        the returned tensors and updates per-param state. So an engine can plan the update while
-        the GPU still evaluates the loss, and a skipped step (g not finite) changes no state.
-        Batched: a step's hundreds of tensors cost a few launches.
-
-        ``finish`` may scale the drawn factors in place: the update is their last use in a step.
-        """
-        directions = [self._direction(i, p) for i, p in entries]
-        scaled = [a for a, _ in directions]
-
-        def finish(g: float) -> None:
-            if scaled:
-                torch._foreach_mul_(scaled, g)
-
-        return directions, finish
-
-    def _perturb(self, scale: float) -> None:
-        """θ += scale·d for every tensor (override to perturb on a side path instead)."""
-        for i, _, p in self._indexed_params():
-            self._add_direction(p, *self._direction(i, p), scale)
-
-    def _update(self, g: float) -> None:
-        """θ ← θ − lr·(D + wd·θ) with each param group's lr and weight decay; one tensor at a
-        time, so one direction-sized temporary."""
-        for i, group, p in self._indexed_params():
-            ((a, b),), finish = self._prepare_update([(i, p)])
-            finish(g)
-            if group["weight_decay"]:
-                p.mul_(1 - group["lr"] * group["weight_decay"])
-            self._add_direction(p, a, b, -group["lr"])
-
-    # -- helpers ----------------------------------------------------------------------------
-
-    def _direction(self, index: int, p: Tensor) -> Factors:
-        """This step's factors of tensor ``index``: the engine's kept draw, or a fresh one."""
-        if self._draws is None:
-            return self._factors([(index, p)], self.step_count)[0]
-        if index not in self._draws:
-            self._draws[index] = self._factors([(index, p)], self.step_count)[0]
-        return self._draws[index]
-
-    @staticmethod
-    def _add_direction(
-        p: Tensor, a: Tensor, b: Tensor | None, alpha: float, beta: float = 1.0
-    ) -> None:
-        """p ← beta·p + alpha·d in one in-place pass; a low-rank d = a·bᵀ is not materialised
-        for contiguous p."""
-        if b is None:
-            if beta != 1.0:
-                p.mul_(beta)
-            p.add_(a, alpha=alpha)
-        elif p.is_contiguous():
-            kernels.lowrank_add_(p.view(a.size(0), -1), a, b, alpha, beta)
-        else:
-            p.mul_(beta).add_((a @ b.T).view(p.shape), alpha=alpha)
-
-    @staticmethod
-    def _plan_add_directions(
-        ps: list[Tensor], factors: list[Factors], alphas: list[float], betas: list[float]
-    ) -> Callable[[], None]:
-        """``_add_direction`` for many tensors, returned as a function that applies them (the
-        factors are read then, not now); the low-rank ones of one dtype, device and rank go
-        through one kernel launch, planned now."""
-        groups: dict[tuple, tuple[list, list, list, list]] = {}
-        singles = []
-        for p, (a, b), alpha, beta in zip(ps, factors, alphas, betas, strict=True):
-            if b is None or not p.is_contiguous():
-                singles.append((p, a, b, alpha, beta))
-                continue
-            group = groups.setdefault((p.dtype, p.device, a.size(1)), ([], [], [], []))
-            w = p if p.dim() == 2 else p.view(a.size(0), -1)
-            for items, x in zip(group, (w, (a, b), alpha, beta), strict=True):
-                items.append(x)
-        launches = [kernels.plan_lowrank_add_many(*group) for group in groups.values()]
-
-        def apply() -> None:
-            for single in singles:
-                ZeroOrderOptimizer._add_direction(*single)
-            for launch in launches:
-                launch()
-
-        return apply
-
-    def _indexed_params(self) -> Iterator[tuple[int, dict[str, Any], Tensor]]:
-        i = 0
-        for group in self.param_groups:
-            for p in group["params"]:
-                yield i, group, p
-                i += 1
-
-    def _randn(self, draws: list[Draw], step: int) -> list[Tensor]:
+    def randn(self, draws: list[Draw], step: int) -> list[Tensor]:
         """N(0, 1) draws in each tensor's dtype and device, keyed by (seed, step, index, kind).
 
-        On CUDA with Triton they are Triton's Philox (so a fused pass can regenerate them), made
-        in one launch per dtype; elsewhere one generator per device is re-seeded per draw: the
-        same as a fresh per-tensor generator, without allocating one each time.
+        Where the Triton kernels run (CUDA; the CPU under Triton's interpreter) they are Triton's
+        Philox (so a fused pass can regenerate them), made in one launch per dtype; elsewhere one
+        generator per device is re-seeded per draw: the same as a fresh per-tensor generator,
+        without allocating one each time. ``kind`` is "z", "U" or "V": a tensor's draws of
+        different kinds are unrelated.
         """
         out: list[Tensor | None] = [None] * len(draws)
         batches: dict[tuple[torch.dtype, torch.device], list[tuple[int, int]]] = {}
@@ -281,10 +242,6 @@ class ZeroOrderOptimizer(Optimizer):
                 out[k] = z
         return out  # type: ignore[return-value]
 
-    def _key(self, index: int, kind: str) -> int:
-        """The key of this step's draw ``kind`` of tensor ``index``."""
-        return draw_key(self.seed, self.step_count, index, kind)
-
     # -- exact resume -----------------------------------------------------------------------
 
     def state_dict(self) -> dict[str, Any]:
@@ -302,6 +259,15 @@ class ZeroOrderOptimizer(Optimizer):
 class MeZO(ZeroOrderOptimizer):
     """ZO-SGD with a full Gaussian direction z per tensor (Malladi et al., 2023)."""
 
-    def _factors(self, entries: list[tuple[int, Tensor]], step: int) -> list[Factors]:
-        zs = self._randn([(p, tuple(p.shape), i, "z") for i, p in entries], step)
+    def draw(self, entries: list[Entry], step: int) -> list[Factors]:
+        zs = self.randn([(p, tuple(p.shape), i, "z") for i, p in entries], step)
         return [(z, None) for z in zs]
+
+    def normal_keys(self, entries: list[Entry], step: int) -> list[int] | None:
+        """z is the keyed draw `randn` makes, and D = g·z: a pass can regenerate z from its key.
+        Not promised by a subclass that draws or updates differently."""
+        if type(self).draw is not MeZO.draw:
+            return None
+        if type(self).prepare_update is not ZeroOrderOptimizer.prepare_update:
+            return None
+        return [draw_key(self.seed, step, i, "z") for i, _ in entries]
