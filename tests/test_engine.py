@@ -1,4 +1,6 @@
-"""The fast engine computes the plain path's losses and updates; side-path weights never move."""
+"""The fast engine computes the plain path's losses and updates; side-path weights never move.
+
+The Triton kernels, and the engine running through them, are tested in test_kernels.py."""
 
 from __future__ import annotations
 
@@ -22,7 +24,6 @@ from lozo_exp.optim import (
     MeZO,
     ZeroOrderOptimizer,
     draw_key,
-    kernels,
 )
 
 ALL = [LOZO, LOZOM, MeZO]
@@ -401,91 +402,3 @@ def test_method_engine_selects_the_path_and_is_validated():
     assert plain.engine is None
     with pytest.raises(ConfigError, match=r"method.engine='turbo' is not one of fast, plain"):
         validate(compose_config("method.engine=turbo"))
-
-
-@pytest.mark.skipif(not kernels.available(torch.device("cuda")), reason="needs CUDA and Triton")
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
-def test_triton_lowrank_update_matches_addmm(dtype):
-    gen = torch.Generator("cuda").manual_seed(0)
-    w, a, b = (torch.randn(s, device="cuda", generator=gen).to(dtype)
-               for s in ((1000, 3000), (1000, 3), (3000, 3)))  # fmt: skip
-    expected = (0.9 * w.double() + 0.5 * a.double() @ b.double().T).to(dtype)
-    kernels.lowrank_add_(w, a, b, 0.5, 0.9)
-    torch.testing.assert_close(w, expected)  # float32 accumulation, one rounding
-    wide = torch.cat([a, torch.ones_like(a)], 1)  # a column slice of a wider factor
-    w2 = expected.clone()
-    kernels.lowrank_add_(w2, wide[:, :3], b, -0.5)
-    kernels.lowrank_add_(expected, a, b, -0.5)
-    assert torch.equal(w2, expected)
-
-
-@pytest.mark.parametrize("device", DEVICES)
-def test_lowrank_add_takes_batched_outputs_and_a_padded_factor(device):
-    """The side path's call: a Linear's (B, L, m) output and x·V on a padded V (B, L, 8): only
-    the first r columns count, and the result is the 2-D one (a mismatched a is refused)."""
-    gen = torch.Generator(device).manual_seed(0)
-    out, xv, u = (torch.randn(s, device=device, generator=gen)
-                  for s in ((2, 5, 300), (2, 5, 8), (300, 2)))  # fmt: skip
-    expected = out.view(10, 300) + 0.5 * xv.view(10, 8)[:, :2] @ u.T
-    kernels.lowrank_add_(out, xv, u, 0.5)
-    torch.testing.assert_close(out.view(10, 300), expected)
-    if kernels.available(out.device):
-        with pytest.raises(ValueError, match="does not match"):
-            kernels.lowrank_add_(out, xv[:1], u, 0.5)
-
-
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize(
-    "shapes", [[(1000, 3000), (17, 5), (4096, 513), (1, 1)], [(64, 512), (5, 4096), (700, 1024)]]
-)  # widths not all multiples of 16, and all (the kernel then loads W's rows as vectors)
-def test_many_lowrank_updates_in_one_launch_equal_one_at_a_time(shapes, device):
-    """Planned before the factors hold their values (the engine plans before the loss sync):
-    the launch reads the factors as they are when it runs."""
-    gen = torch.Generator(device).manual_seed(0)
-    dtype = torch.float16 if device == "cuda" else torch.float32
-    ws = [torch.randn(s, device=device, generator=gen).to(dtype) for s in shapes]
-    factors = [
-        tuple(torch.randn(k, 2, device=device, generator=gen).to(dtype) for k in shape)
-        for shape in shapes
-    ]
-    alphas, betas = [0.5, -1.0, 2.0, 0.25][: len(shapes)], [0.9, 1.0, 0.5, 1.0][: len(shapes)]
-    launch = kernels.plan_lowrank_add_many(ws, factors, alphas, betas)
-    torch._foreach_mul_([a for a, _ in factors], 3.0)
-    expected = [w.clone() for w in ws]
-    for w, (a, b), alpha, beta in zip(expected, factors, alphas, betas, strict=True):
-        kernels.lowrank_add_(w, a, b, alpha, beta)
-    launch()
-    for w, e in zip(ws, expected, strict=True):
-        assert torch.equal(w, e)
-
-
-@pytest.mark.skipif(not kernels.available(torch.device("cuda")), reason="needs CUDA and Triton")
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_triton_draws_are_gaussian_and_the_fused_pass_matches_them(dtype):
-    z = kernels.normal((3, 1_000_003), 12345, dtype, torch.device("cuda")).float()
-    assert abs(z.mean().item()) < 3e-3 and abs(z.std().item() - 1) < 3e-3
-    assert not torch.equal(z, kernels.normal(z.shape, 12346, dtype, z.device).float())
-    p = torch.randn(z.shape, device="cuda", dtype=dtype)
-    expected = 0.9 * p.float() + 0.25 * z
-    kernels.axpbz_many_([p], [12345], alphas=[0.25], betas=[0.9])
-    torch.testing.assert_close(p.float(), expected, rtol=1e-3 if dtype == torch.float16 else 1e-6,
-                               atol=1e-3 if dtype == torch.float16 else 1e-6)  # fmt: skip
-
-
-@pytest.mark.skipif(not kernels.available(torch.device("cuda")), reason="needs CUDA and Triton")
-@pytest.mark.parametrize(
-    "shapes", [[(5,), (3, 4097), (1,), (2, 8192), (7, 3)], [(32, 512), (12304,), (16,), (64, 64)]]
-)  # sizes not all multiples of 16, and all (the fused pass then moves vectors)
-def test_draws_made_together_equal_the_fused_pass_draw_of_each_tensor(shapes):
-    keys = [11, 2**62 + 5, 13, 14, 15][: len(shapes)]
-    many = kernels.normal_many(shapes, keys, torch.float32, torch.device("cuda"))
-    ps = [torch.zeros(shape, device="cuda") for shape in shapes]
-    ones, zeros = [1.0] * len(shapes), [0.0] * len(shapes)
-    kernels.axpbz_many_(ps, keys, alphas=ones, betas=zeros)  # p = z, every tensor in one launch
-    for shape, key, z, p in zip(shapes, keys, many, ps, strict=True):
-        assert torch.equal(z, kernels.normal(shape, key, torch.float32, z.device))
-        assert torch.equal(p, z)
-        alone = torch.zeros(shape, device="cuda")
-        kernels.axpbz_many_([alone], [key], alphas=[1.0], betas=[0.0])
-        assert torch.equal(alone, z)
-    assert len({z.flatten()[0].item() for z in many}) == len(many)  # unrelated streams

@@ -5,23 +5,25 @@
   writing z to memory and reading it back: one read and one write of each weight per pass.
   `normal` materialises exactly the same numbers (rounded to the tensor's dtype), which keeps the
   plain in-place path and the fused one equal.
-- Box–Muller uses the GPU's fast approximate log/sin/cos: the precise library calls made the
-  pass compute-bound (1.4 TB/s on an H200 against 4.0 for a plain read+write); with them it
-  runs at 2.9 TB/s. The normals differ from the precise transform by < 2e-4 (measured), far
-  below what a float16/bfloat16 weight can hold, so z is still N(0, 1) to the weight's precision.
-- `lowrank_add_`: W ← β·W + α·A·Bᵀ for a small inner dimension r in one pass over W, 1.5-2×
-  faster than cuBLAS's `addmm_` with K = r (a GEMM tiled for large K). `plan_lowrank_add_many`
-  does it for hundreds of matrices in one launch (a table of addresses), so a step's update
-  costs the CPU one launch instead of hundreds, and the table is made before the loss sync.
+- Box–Muller uses the GPU's fast approximate log/sin/cos: the precise calls make the pass
+  compute-bound, and the difference is far below what a float16/bfloat16 weight can hold.
+- `lowrank_add_`: W ← β·W + α·A·Bᵀ for a small inner dimension r in one pass over W (cuBLAS's
+  `addmm_` with K = r runs a GEMM tiled for large K). `plan_lowrank_add_many` does it for
+  hundreds of matrices in one launch (a table of addresses), so a step's update costs the CPU
+  one launch instead of hundreds, and the table is made before the loss sync.
 
-Triton is optional: without it (CPU, CI) draws come from `torch.Generator` and `lowrank_add_`
-falls back to `addmm_`.
+The kernels run on CUDA, and on the CPU under Triton's interpreter (``TRITON_INTERPRET=1``, set
+before this module is imported: the tests), there with the precise log/sin/cos (the interpreter
+has no libdevice). Triton is optional: without it draws come from `torch.Generator` and
+`lowrank_add_` falls back to `addmm_`. `results/bench/README.md` has the measurements behind
+these choices.
 """
 
 from __future__ import annotations
 
 import functools
 import math
+import os
 from collections.abc import Callable
 
 import torch
@@ -29,7 +31,7 @@ from torch import Tensor
 
 BLOCK = 4096  # elements per program; part of the draw's definition (element -> counter map)
 _KEY_MASK = (1 << 63) - 1  # Triton takes the seed as a signed 64-bit integer
-_TILE = (16, 512)  # rows x columns of W per program in `lowrank_add_` (best of 5 on an H200)
+_TILE = (16, 512)  # rows x columns of W per program in `lowrank_add_` (measured best)
 
 
 try:
@@ -39,14 +41,26 @@ try:
 except ImportError:  # CPU-only installs: draws come from torch.Generator
     triton = None
 
+INTERPRETED = triton is not None and os.environ.get("TRITON_INTERPRET") == "1"
+"""Whether the kernels run in Triton's interpreter (read at import, as Triton does)."""
+
 if triton is not None:
 
     @triton.jit
-    def _box_muller(u1, u2):
+    def _box_muller_fast(u1, u2):
         u1 = tl.maximum(u1, 1.0e-7)  # log(0) would be -inf
         radius = tl.sqrt(-2.0 * libdevice.fast_logf(u1))
         angle = 6.283185307179586 * u2
         return radius * libdevice.fast_cosf(angle), radius * libdevice.fast_sinf(angle)
+
+    @triton.jit
+    def _box_muller_precise(u1, u2):
+        u1 = tl.maximum(u1, 1.0e-7)
+        radius = tl.sqrt(-2.0 * tl.log(u1))
+        angle = 6.283185307179586 * u2
+        return radius * tl.cos(angle), radius * tl.sin(angle)
+
+    _box_muller = _box_muller_precise if INTERPRETED else _box_muller_fast
 
     # Block j of a draw covers its elements [4·Q·j, 4·Q·(j+1)); counter j·Q + q yields the four
     # normals of the elements 4·Q·j + i·Q + q, i = 0..3 (32-bit counters: a 64-bit one would
@@ -134,7 +148,7 @@ if triton is not None:
                        SB: tl.constexpr, R: tl.constexpr, BM: tl.constexpr,
                        BN: tl.constexpr):  # fmt: skip
         # The factors' row strides are compile-time constants (a few values: r, or the padded
-        # width of x·V): as run-time arguments they made the pass ~10% slower.
+        # width of x·V): as run-time arguments they make the pass slower.
         _lowrank_tile(w_ptr, a_ptr, b_ptr, M, N, alpha, beta, tl.program_id(0),
                       tl.program_id(1), SA, SB, R, BM, BN)  # fmt: skip
 
@@ -170,8 +184,21 @@ def set_enabled(flag: bool) -> None:
 
 
 def available(device: torch.device) -> bool:
-    """Whether draws on ``device`` come from the Triton Philox kernels."""
-    return _enabled and device.type == "cuda" and triton is not None
+    """Whether the kernels run on ``device`` (and draws there come from Triton's Philox)."""
+    return (
+        _enabled
+        and triton is not None
+        and (device.type == "cuda" or (INTERPRETED and device.type == "cpu"))
+    )
+
+
+def _upload(values: list[int] | list[float], dtype: torch.dtype, device: torch.device) -> Tensor:
+    """A kernel's table on ``device``: on CUDA through pinned memory and non-blocking (a
+    pageable copy would wait for all queued GPU work)."""
+    table = torch.tensor(values, dtype=dtype)
+    if device.type == "cuda":
+        return table.pin_memory().to(device, non_blocking=True)
+    return table
 
 
 def _grid(n: int) -> tuple[int]:
@@ -213,9 +240,7 @@ def normal_many(
     starts, tables = _layout(sizes, device)
     out = torch.empty(starts[-1], dtype=dtype, device=device)
     if n_programs := len(tables[-1]):
-        # Pinned and non-blocking: a pageable copy would wait for all queued GPU work.
-        keys_t = torch.tensor([k & _KEY_MASK for k in keys], dtype=torch.int64).pin_memory()
-        keys_t = keys_t.to(device, non_blocking=True)
+        keys_t = _upload([k & _KEY_MASK for k in keys], torch.int64, device)
         normal_many_kernel[(n_programs,)](out, keys_t, *tables, Q=BLOCK // 4)
     return [z.view(s) for z, s in zip(out.split_with_sizes(sizes), shapes, strict=True)]
 
@@ -241,9 +266,8 @@ def axpbz_many_(ps: list[Tensor], keys: list[int], alphas: list[float], betas: l
     ptrs = [p.data_ptr() for p in ps]
     table = [x for ptr, key in zip(ptrs, keys, strict=True) for x in (ptr, key & _KEY_MASK)]
     coefs = [float(x) for ab in zip(betas, alphas, strict=True) for x in ab]  # the kernel's (a, b)
-    # Pinned and non-blocking, as in `normal_many`.
-    table_t = torch.tensor(table, dtype=torch.int64).pin_memory().to(device, non_blocking=True)
-    coefs_t = torch.tensor(coefs, dtype=torch.float32).pin_memory().to(device, non_blocking=True)
+    table_t = _upload(table, torch.int64, device)
+    coefs_t = _upload(coefs, torch.float32, device)
     aligned = all(n % 16 == 0 for n in sizes) and all(x % 16 == 0 for x in ptrs)
     if len(items):
         axpbz_many_kernel[(len(items),)](ps[0], table_t, n_tensors, coefs_t, items, within,
@@ -314,9 +338,8 @@ def plan_lowrank_add_many(
     device = ws[0].device
     dims, mats, tiles = _tiles(tuple(shapes), device)
     coefs = [float(x) for ab in zip(alphas, betas, strict=True) for x in ab]
-    # Pinned and non-blocking, as in `normal_many`.
-    ptrs_t = torch.tensor(ptrs, dtype=torch.int64).pin_memory().to(device, non_blocking=True)
-    coefs_t = torch.tensor(coefs, dtype=torch.float32).pin_memory().to(device, non_blocking=True)
+    ptrs_t = _upload(ptrs, torch.int64, device)
+    coefs_t = _upload(coefs, torch.float32, device)
     aligned = all(n % 16 == 0 for _, n in shapes) and all(x % 16 == 0 for x in ptrs[::3])
     table = (ptrs_t, dims, coefs_t, mats, tiles)
     return functools.partial(_launch_many, ws, factors, table, r, aligned)
