@@ -9,8 +9,12 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "offline")
+# One intra-op thread: the tests' models are tiny, and on a loaded machine threads waiting for
+# each other made each op wait for the scheduler (the float64 trajectories ran 20-50× slower).
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import pytest
+import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
@@ -19,6 +23,7 @@ from lozo_exp.runner import run
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 register_configs()
+torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 
 def compose_config(*overrides: str) -> RunConfig:

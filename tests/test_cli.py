@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from omegaconf import OmegaConf
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -25,6 +26,7 @@ def cli(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
     )
 
 
+@pytest.mark.slow  # a full default run in a subprocess (in-process: test_smoke)
 def test_default_run_says_where_its_results_are(tmp_path):
     done = cli(tmp_path)
     assert done.returncode == 0, done.stderr
@@ -35,6 +37,7 @@ def test_default_run_says_where_its_results_are(tmp_path):
     assert (out / ".hydra" / "config.yaml").is_file() and (out / "metrics.jsonl").is_file()
 
 
+@pytest.mark.slow  # four end-to-end runs in a subprocess
 def test_grid_sweep_gives_each_job_its_own_directory(tmp_path):
     done = cli(
         tmp_path,

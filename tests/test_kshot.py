@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from conftest import compose_config
 
-from lozo_exp.adapter import load_task
+from lozo_exp.adapter import available_tasks, load_task
 from lozo_exp.config import TaskConfig, validate
 from lozo_exp.data import DataUnavailable
 from medium_models.kshot import (
@@ -26,7 +26,7 @@ from medium_models.kshot import (
     task_config,
 )
 
-TASKS = ["sst2", "sst5", "snli", "mnli", "rte", "trec"]
+TASKS = available_tasks("masked")
 SAMPLES = Path(__file__).resolve().parents[1] / "lozo_exp" / "samples"
 
 # sha256 (first 16 hex digits) of the files that LM-BFF's tools/generate_k_shot_data.py

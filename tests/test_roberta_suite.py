@@ -13,9 +13,10 @@ import pytest
 import yaml
 from conftest import compose_config, read_metrics, run_overrides
 
+from lozo_exp.adapter import available_tasks
 from medium_models.kshot import main as build_kshot
 
-TASKS = ["sst2", "sst5", "snli", "mnli", "rte", "trec"]
+TASKS = available_tasks("masked")
 FAST = ("model=tiny-roberta", "trainer.max_steps=4", "trainer.eval_steps=2", "method.batch_size=4")
 REPO = Path(__file__).resolve().parents[1]
 
@@ -58,6 +59,7 @@ def test_roberta_large_defaults_follow_the_paper_scripts(method, expected):
     assert (cfg.task.k, cfg.task.data_seed, cfg.seed) == (16, 87, 87)  # --seed $SEED
 
 
+@pytest.mark.slow  # five end-to-end runs in a subprocess
 def test_five_seed_multirun_of_one_cell(tmp_path):
     seeds = [13, 21, 42, 87, 100]
     cmd = [
