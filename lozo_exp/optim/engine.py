@@ -127,8 +127,9 @@ class Strategy:
         ws, factors, alphas, bs, one_dim_ds = [], [], [], [], []
         folds: dict[float, tuple[list[Tensor], list[Tensor]]] = {}  # −lr: (restore terms, D)
         folded: list[tuple[Tensor, Factors]] = []  # still at θ − ε·d: (θ, d)
+        one_dim = self.one_dim.indices
         for (i, p), (d, b), (z, v) in zip(entries, directions, draws, strict=True):
-            if p.dim() < 2:
+            if i in one_dim:
                 one_dim_ds.append(d)
                 continue
             k = self.group_of[i]
@@ -149,6 +150,7 @@ class Strategy:
             bs.append(betas[k])
         passes = plan_add_directions(ws, factors, alphas, bs)
         decay = [-lr for lr in lrs]
+        one_dim_update = self.one_dim.grouped(one_dim_ds) if one_dim_ds else []
 
         def apply(g: float | None) -> None:
             if g is None:
@@ -159,8 +161,7 @@ class Strategy:
             for alpha, (terms, ds) in folds.items():
                 torch._foreach_add_(terms, ds, alpha=alpha)
             passes()
-            if one_dim_ds:
-                self.one_dim.update(one_dim_ds, betas, decay)
+            OneDim.update(one_dim_update, betas, decay)
 
         return apply
 
@@ -171,6 +172,7 @@ class OneDim:
 
     def __init__(self, entries: list[Entry], group_of: dict[int, int]) -> None:
         self.entries = entries
+        self.indices = {i for i, _ in entries}
         self.ps = [p for _, p in entries]
         self.zs: list[Tensor] = []
         members: dict[int, list[int]] = {}
@@ -184,12 +186,22 @@ class OneDim:
         if self.ps:
             torch._foreach_add_(self.ps, self.zs, alpha=scale)
 
-    def update(self, ds: list[Tensor], betas: list[float], alphas: list[float]) -> None:
-        """θ ← β·θ + α·d, with β and α of each tensor's param group (``ds`` in entry order)."""
-        for k, ps, js in self.groups:
+    def grouped(self, ds: list[Tensor]) -> list[tuple[int, list[Tensor], list[Tensor]]]:
+        """``ds`` (one per tensor, in entry order) by param group: (its position, its tensors,
+        their ds), for ``update``."""
+        return [(k, ps, [ds[j] for j in js]) for k, ps, js in self.groups]
+
+    @staticmethod
+    def update(
+        grouped: list[tuple[int, list[Tensor], list[Tensor]]],
+        betas: list[float],
+        alphas: list[float],
+    ) -> None:
+        """θ ← β·θ + α·d, with the β and α of each param group."""
+        for k, ps, ds in grouped:
             if betas[k] != 1:
                 torch._foreach_mul_(ps, betas[k])
-            torch._foreach_add_(ps, [ds[j] for j in js], alpha=alphas[k])
+            torch._foreach_add_(ps, ds, alpha=alphas[k])
 
 
 class ReplayedDraws(Strategy):
@@ -236,55 +248,64 @@ class FusedSGD(Strategy):
 
     def __init__(self, opt: Estimator) -> None:
         super().__init__(opt)
-        # The contiguous matrices of each dtype and device go in one launch (positions in
-        # ``matrices``); the others one at a time.
-        self.launches: dict[tuple[torch.dtype, torch.device], tuple[list[Tensor], list[int]]] = {}
-        self.singles: list[int] = []
+        # The contiguous matrices of each dtype and device go in one launch: (device, tensors,
+        # their positions in ``matrices``, or None when they are all of them, in order).
+        launches: dict[tuple[torch.dtype, torch.device], tuple[list[Tensor], list[int]]] = {}
+        self.singles: list[int] = []  # positions of the others
         for j, (_, p) in enumerate(self.matrices):
             if p.is_contiguous():
-                ps, js = self.launches.setdefault((p.dtype, p.device), ([], []))
+                ps, js = launches.setdefault((p.dtype, p.device), ([], []))
                 ps.append(p)
                 js.append(j)
             else:
                 self.singles.append(j)
-        self.ones = [1.0] * len(self.matrices)
+        every = list(range(len(self.matrices)))
+        self.launches = [
+            (device, ps, None if js == every else js) for (_, device), (ps, js) in launches.items()
+        ]
+        self.matrix_groups = [self.group_of[i] for i, _ in self.matrices]
 
     def step(self, closure: Callable[[], Tensor | float]) -> Tensor | float:
         opt, eps, step = self.opt, self.opt.eps, self.opt.step_count
         keys = opt.normal_keys(self.matrices, step)
-        assert keys is not None, f"{type(opt).__name__}.normal_keys no longer gives keys"
-        self.one_dim.zs = [z for z, _ in opt.draw(self.one_dim.entries, step)]
+        if keys is None:
+            raise RuntimeError(f"{type(opt).__name__}.normal_keys gave keys once, not now")
+        zs = [z for z, _ in opt.draw(self.one_dim.entries, step)]
+        self.one_dim.zs, grouped = zs, self.one_dim.grouped(zs)
         n = len(self.matrices)
+        ones = [1.0] * n
         try:
             self.one_dim.move(eps)
-            self._pass(keys, [eps] * n, self.ones)
+            self._pass(keys, [eps] * n, ones)
             loss1 = closure()
             self.one_dim.move(-2 * eps)
-            self._pass(keys, [-2 * eps] * n, self.ones)
+            self._pass(keys, [-2 * eps] * n, ones)
             loss2 = closure()
             g = opt.slope(loss1, loss2)
             if g is None:
                 self.one_dim.move(eps)
-                self._pass(keys, [eps] * n, self.ones)
+                self._pass(keys, [eps] * n, ones)
             else:
                 lrs, betas = self.group_coefs()
                 alphas = [beta * eps - lr * g for lr, beta in zip(lrs, betas, strict=True)]
-                groups = [self.group_of[i] for i, _ in self.matrices]
-                self._pass(keys, [alphas[k] for k in groups], [betas[k] for k in groups])
-                self.one_dim.update(self.one_dim.zs, betas, alphas)
+                by_matrix = self.matrix_groups
+                self._pass(keys, [alphas[k] for k in by_matrix], [betas[k] for k in by_matrix])
+                OneDim.update(grouped, betas, alphas)
         finally:
             self.one_dim.zs = []
         return loss1
 
     def _pass(self, keys: list[int], alphas: list[float], betas: list[float]) -> None:
-        """θ ← β·θ + α·z for every matrix (α, β, keys: one per matrix)."""
+        """θ ← β·θ + α·z for every matrix (keys, α and β: one per matrix)."""
         singles = self.singles
-        for (_, device), (ps, js) in self.launches.items():
-            if kernels.available(device):
-                pick = [keys[j] for j in js], [alphas[j] for j in js], [betas[j] for j in js]
-                kernels.axpbz_many_(ps, *pick)
+        for device, ps, js in self.launches:
+            if not kernels.available(device):
+                singles = [*singles, *(range(len(ps)) if js is None else js)]
+            elif js is None:
+                kernels.axpbz_many_(ps, keys, alphas, betas)
             else:
-                singles = [*singles, *js]
+                picked = ([x[j] for j in js] for x in (keys, alphas, betas))
+                kernels.axpbz_many_(ps, *picked)
         step = self.opt.step_count
         for j in singles:
             entry = self.matrices[j]
