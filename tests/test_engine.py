@@ -111,9 +111,13 @@ PLACEMENTS = ["auto", "side", "in_place"]
 @pytest.mark.parametrize(("cls", "placement"), [(c, p) for c in ALL for p in PLACEMENTS
                                                 if c is not MeZO or p == "auto"])  # fmt: skip
 def test_fast_equals_plain_in_float32(name, cls, placement, device):
-    # g = Δloss / 2ε carries the float32 rounding of the losses times 1/2ε, so the updates
-    # agree to about 1e-3 of their size; ε = 1e-2 keeps that well inside the tolerance.
-    model = tiny_model(name, "float32", device)
+    assert_close_trajectory_in_float32(tiny_model(name, "float32", device), cls, placement)
+
+
+def assert_close_trajectory_in_float32(model: nn.Module, cls, placement: str) -> None:
+    """Three steps, fast and plain. g = Δloss / 2ε carries the float32 rounding of the losses
+    times 1/2ε, so the updates agree to about 1e-3 of their size; ε = 1e-2 keeps that well
+    inside the tolerance."""
     (lp, wp), (lf, wf) = (trajectory(model, cls, f, steps=3, eps=1e-2) for f in (None, placement))
     start = torch.cat([p.detach().flatten() for p in model.parameters()])
     torch.testing.assert_close(torch.tensor(lf), torch.tensor(lp), rtol=1e-5, atol=1e-5)

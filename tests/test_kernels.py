@@ -18,7 +18,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from test_engine import trajectory
+from test_engine import assert_close_trajectory_in_float32
 from torch import nn
 from torch.nn import functional as F
 
@@ -183,9 +183,8 @@ class TinyLM(nn.Module):
 )
 def test_fast_equals_plain_through_the_kernels(device, cls, placement):
     """Both paths draw with the Philox kernels; the fast one also runs the draws made together,
-    the side path's and the planned low-rank updates, and MeZO's fused passes. float32 (the
-    kernels compute in float32): g carries the losses' rounding times 1/2ε, so the updates
-    agree to about 1e-3 of their size."""
+    the side path's and the planned low-rank updates, and MeZO's fused passes. In float32: the
+    kernels compute in float32."""
     torch.manual_seed(0)
     model = TinyLM().to(device)
     opt = MeZO(model.parameters(), lr=0.1, seed=7)
@@ -193,10 +192,4 @@ def test_fast_equals_plain_through_the_kernels(device, cls, placement):
     ((z, _),) = opt.draw([(i, p)], 0)
     key = draw_key(7, 0, i, "z")
     assert torch.equal(z, kernels.normal(tuple(p.shape), key, p.dtype, device))  # Philox draws
-    (lp, wp), (lf, wf) = (trajectory(model, cls, f, steps=3, eps=1e-2) for f in (None, placement))
-    start = torch.cat([p.detach().flatten() for p in model.parameters()])
-    torch.testing.assert_close(torch.tensor(lf), torch.tensor(lp), rtol=1e-5, atol=1e-5)
-    for a, b in zip(wf, wp, strict=True):
-        moved = (b - start).abs().max()
-        assert moved > 1e-3  # the weights really moved
-        assert (a - b).abs().max() < 1e-3 * moved
+    assert_close_trajectory_in_float32(model, cls, placement)
