@@ -14,7 +14,7 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Callable, Hashable, Iterable
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from torch import Tensor
@@ -25,6 +25,8 @@ from lozo_exp.optim.estimator import Entry, Factors, Finish, StepEngine, add_dir
 
 Draw = tuple[Tensor, tuple[int, ...], int, str]
 """A keyed draw: (tensor whose dtype and device it takes, shape, tensor index, kind)."""
+
+E = TypeVar("E", bound=StepEngine | None)
 
 Params = Iterable[Tensor] | Iterable[tuple[str, Tensor]] | Iterable[dict[str, Any]]
 
@@ -83,8 +85,8 @@ class ZeroOrderOptimizer(Optimizer):
 
     A new estimator subclasses this and overrides ``draw`` (its direction distribution, from
     keyed draws: ``randn`` or `draw_key`); ``prepare_update`` for a step direction D other than
-    g·d; ``low_rank`` (with ``v_id``) when matrices move along (U, V) factors. The module
-    docstring of `lozo_exp.optim.estimator` says what each must guarantee.
+    g·d; ``low_rank`` (with ``v_id``) when matrices move along (U, V) factors. `Estimator`
+    (lozo_exp/optim/estimator.py) says what each must guarantee.
     """
 
     low_rank = False
@@ -107,7 +109,7 @@ class ZeroOrderOptimizer(Optimizer):
         # Runs the steps when set (``use_engine``); None: the plain path.
         self.engine: StepEngine | None = None
 
-    def use_engine(self, engine: StepEngine | None) -> StepEngine | None:
+    def use_engine(self, engine: E) -> E:
         """Run this optimizer's steps with ``engine`` (``engine.step(closure)``; None: the plain
         path); returns it."""
         self.engine = engine
@@ -166,10 +168,8 @@ class ZeroOrderOptimizer(Optimizer):
 
     def indexed_params(self) -> list[tuple[int, dict[str, Any], Tensor]]:
         """Every tensor with its index and param group, in a fixed order."""
-        return [
-            (i, group, p)
-            for i, (group, p) in enumerate((g, p) for g in self.param_groups for p in g["params"])
-        ]
+        params = [(group, p) for group in self.param_groups for p in group["params"]]
+        return [(i, group, p) for i, (group, p) in enumerate(params)]
 
     def draw(self, entries: list[Entry], step: int) -> list[Factors]:
         """The direction factors of each (index, tensor) at ``step``: pure functions of their
