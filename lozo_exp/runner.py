@@ -20,11 +20,12 @@ import torch
 from torch import nn
 
 from lozo_exp.adapter import Adapter, adapter_class, load_task
-from lozo_exp.config import ConfigError, RunConfig, validate
+from lozo_exp.config import RunConfig, validate
 from lozo_exp.data import Row, Splits
 from lozo_exp.methods import build_optimizer, make_closure, prepare_model, set_learning_rate
 from lozo_exp.models import load_model, load_tokenizer
 from lozo_exp.optim import ZeroOrderOptimizer
+from lozo_exp.outputs import check_output_dir
 from lozo_exp.tracking import (
     MetricsLog,
     Progress,
@@ -91,15 +92,6 @@ class RunState:
             setattr(self, k, state[k])
 
 
-def _check_output_dir(out_dir: Path) -> None:
-    taken = [f for f in ("metrics.jsonl", "results.json") if (out_dir / f).exists()]
-    if taken:
-        raise ConfigError(
-            f"output directory {out_dir} already holds a run ({', '.join(taken)}); "
-            f"a run never overwrites another: choose a new hydra.run.dir"
-        )
-
-
 class Runner:
     """Holds what one run shares across its phases: config, adapter, splits, state, logs."""
 
@@ -107,7 +99,7 @@ class Runner:
         self.start = time.perf_counter()
         validate(cfg)
         require_wandb(cfg.logger)
-        _check_output_dir(out_dir)
+        check_output_dir(out_dir)
         self.cfg, self.out_dir = cfg, out_dir
         family = cfg.model.family
         task = load_task(family, cfg.task.name)

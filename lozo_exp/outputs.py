@@ -1,0 +1,151 @@
+"""Where runs write, and the rule that keeps one run from overwriting another.
+
+A directory *holds a run* when it has `metrics.jsonl`, or a `results.json` whose status is not
+"rejected" (a run refused before it started, for a bad config or missing data, leaves its
+directory free to reuse). `check_output_dir` is the one place that decides it; the entry
+module applies it before Hydra writes anything (`lozo_exp.cli.StartGuard`). `SweepSummary`
+reports a sweep's jobs at its end; `job_dirname` names job directories by their values.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig, OmegaConf
+
+from lozo_exp.config import ConfigError
+
+RESULTS = "results.json"
+METRICS = "metrics.jsonl"
+REJECTED = "rejected"
+FINISHED = ("completed", "diverged")  # a sweep with a job in any other state exits non-zero
+
+
+class RunDirTaken(ConfigError):
+    """The output directory already holds a run."""
+
+
+def _read_results(directory: Path) -> dict[str, Any]:
+    """`directory/results.json`; {} without one, status "unreadable" when it cannot be parsed."""
+    try:
+        results = json.loads((directory / RESULTS).read_text())
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError) as err:
+        return {"status": "unreadable", "error": str(err)}
+    return results if isinstance(results, dict) else {"status": "unreadable"}
+
+
+def read_status(directory: Path) -> str | None:
+    """The `status` in `directory/results.json`, None without one."""
+    results = _read_results(directory)
+    return results.get("status", "unknown") if results else None
+
+
+def run_record(directory: Path) -> str | None:
+    """The file that shows `directory` holds a run, or None when a run may write there."""
+    if (directory / METRICS).exists():
+        return METRICS
+    status = read_status(directory)
+    return RESULTS if status not in (None, REJECTED) else None
+
+
+def check_output_dir(out_dir: Path, setting: str = "hydra.run.dir") -> None:
+    """Refuse a directory that holds a run: a run never overwrites another. (The one check;
+    claiming the directory atomically belongs here too.)"""
+    record = run_record(out_dir)
+    if record is not None:
+        raise RunDirTaken(
+            f"output directory {out_dir} already holds a run ({out_dir / record}); a run never "
+            f"overwrites another: choose a new {setting}"
+        )
+
+
+def record_failure(out_dir: Path, err: BaseException) -> None:
+    """Leave `results.json` with `status` and `error` for a run that stopped before the runner
+    wrote its own: "rejected" for a bad config or missing data, "failed" for anything else."""
+    if isinstance(err, RunDirTaken) or read_status(out_dir) not in (None, REJECTED):
+        return  # another run's directory, or the runner already recorded how this one ended
+    rejected = isinstance(err, ConfigError)
+    results = {
+        "status": REJECTED if rejected else "failed",
+        "error": str(err) if rejected else f"{type(err).__name__}: {err}",
+    }
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / RESULTS).write_text(json.dumps(results, indent=2) + "\n")
+
+
+# -- sweep job names -------------------------------------------------------------------------
+
+
+def job_dirname(num: int, overrides: list[str], exclude: list[str]) -> str:
+    """`<num>_<key>=<value>,...` from a job's overrides, like Hydra's `override_dirname` but
+    with each key shortened to its last part (`method.lr` -> `lr`) unless two would clash.
+    An `exclude` entry drops that key and every key under it (`logger` drops `logger.mode`)."""
+    parsed = OverridesParser.create().parse_overrides(list(overrides))
+    kept = [
+        (o.key_or_group, o.get_value_element_as_str().replace(os.sep, "_"))
+        for o in parsed
+        if not any(o.key_or_group == e or o.key_or_group.startswith(e + ".") for e in exclude)
+    ]
+    tails = [key.rsplit(".", 1)[-1] for key, _ in kept]
+    items = sorted(
+        f"{tail if tails.count(tail) == 1 else key}={value}"
+        for (key, value), tail in zip(kept, tails, strict=True)
+    )
+    return "_".join([str(num), ",".join(items)]) if items else str(num)
+
+
+def register_resolvers() -> None:
+    """`${lozo_exp.job_dirname:...}` for `hydra.sweep.subdir`."""
+    OmegaConf.register_new_resolver("lozo_exp.job_dirname", job_dirname, replace=True)
+
+
+# -- Hydra callbacks -------------------------------------------------------------------------
+
+
+def job_dirs(sweep_dir: Path) -> dict[Path, int]:
+    """A sweep's job directories (each has `.hydra/`) -> when Hydra last wrote their overrides."""
+    return {
+        p.parent.parent: p.stat().st_mtime_ns for p in sweep_dir.glob("**/.hydra/overrides.yaml")
+    }
+
+
+class SweepSummary(Callback):
+    """At the end of a sweep, lists its jobs by status (completed, diverged, failed, rejected;
+    missing: no results.json) with their directories and errors, and exits with status 1 unless
+    every job completed or diverged. Jobs are read from disk, so any launcher works."""
+
+    def __init__(self) -> None:
+        self.before: dict[Path, int] = {}
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        self.before = job_dirs(Path(config.hydra.sweep.dir))  # rejected jobs of an earlier sweep
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        sweep_dir = Path(config.hydra.sweep.dir)
+        started = {d: t for d, t in job_dirs(sweep_dir).items() if self.before.get(d) != t}
+        jobs = sorted(started, key=started.__getitem__)  # in launch order
+        by_status: dict[str, list[str]] = {}
+        for job in jobs:
+            results = _read_results(job)
+            status = results.get("status", "missing")
+            error = f": {_first_line(results['error'])}" if "error" in results else ""
+            by_status.setdefault(status, []).append(f"{job}{error}")
+        counts = ", ".join(f"{len(v)} {k}" for k, v in sorted(by_status.items()))
+        lines = [f"Sweep {sweep_dir}: {len(jobs)} jobs ({counts})"]
+        for status, entries in sorted(by_status.items()):
+            lines += [f"  {status:<9} {entry}" for entry in entries]
+        print("\n".join(lines))
+        if set(by_status) - set(FINISHED):
+            raise SystemExit(1)  # an Exception here would become a warning (Hydra's callbacks)
+
+
+def _first_line(text: str, limit: int = 200) -> str:
+    line = str(text).strip().splitlines()[0] if str(text).strip() else ""
+    return line if len(line) <= limit else line[: limit - 3] + "..."

@@ -1,0 +1,87 @@
+"""Run directories: which hold a run, what a failed job leaves, how sweep jobs are named."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from omegaconf import OmegaConf
+
+from lozo_exp import outputs
+from lozo_exp.config import ConfigError
+
+
+def test_a_directory_holds_a_run_unless_its_run_was_rejected(tmp_path):
+    def write(name: str, text: str) -> None:
+        (tmp_path / name).write_text(text)
+
+    assert outputs.run_record(tmp_path) is None
+    write("results.json", json.dumps({"status": "rejected", "error": "bad"}))
+    assert outputs.run_record(tmp_path) is None
+    outputs.check_output_dir(tmp_path)  # free to reuse
+    for status in ("completed", "failed", "diverged"):
+        write("results.json", json.dumps({"status": status}))
+        assert outputs.run_record(tmp_path) == "results.json"
+    write("results.json", "{not json")
+    assert outputs.run_record(tmp_path) == "results.json"
+    (tmp_path / "results.json").unlink()
+    write("metrics.jsonl", "")
+    with pytest.raises(outputs.RunDirTaken, match=r"choose a new hydra\.sweep\.dir"):
+        outputs.check_output_dir(tmp_path, "hydra.sweep.dir")
+
+
+def test_a_failure_before_the_runner_wrote_results_is_recorded(tmp_path):
+    outputs.record_failure(tmp_path, ConfigError("method.lr=-1 must be >= 0"))
+    assert json.loads((tmp_path / "results.json").read_text()) == {
+        "status": "rejected",
+        "error": "method.lr=-1 must be >= 0",
+    }
+    outputs.record_failure(tmp_path, RuntimeError("boom"))  # replaces a rejection
+    assert outputs.read_status(tmp_path) == "failed"
+    completed = json.dumps({"status": "completed"})
+    (tmp_path / "results.json").write_text(completed)
+    outputs.record_failure(tmp_path, RuntimeError("later"))  # the runner's record stays
+    outputs.record_failure(tmp_path, outputs.RunDirTaken("another run's directory"))
+    assert (tmp_path / "results.json").read_text() == completed
+
+
+@pytest.mark.parametrize(
+    "overrides, exclude, name",
+    [
+        ([], [], "3"),
+        (["method.lr=1e-6", "method=lozo"], [], "3_lr=1e-06,method=lozo"),
+        (["method.eps=0.1", "task.eps=2"], [], "3_method.eps=0.1,task.eps=2"),  # would clash
+        (["logger=wandb", "logger.mode=online", "seed=1"], ["logger"], "3_seed=1"),
+        (["model.hub_id=facebook/opt-13b"], [], "3_hub_id=facebook_opt-13b"),
+        (["trainer.device=cuda:1", "task.k=16"], ["trainer.device"], "3_k=16"),
+    ],
+)
+def test_job_directories_are_named_by_their_values(overrides, exclude, name):
+    assert outputs.job_dirname(3, overrides, exclude) == name
+
+
+def _job(sweep, name: str, results: dict | None) -> None:
+    (sweep / name / ".hydra").mkdir(parents=True)
+    (sweep / name / ".hydra" / "overrides.yaml").write_text(f"- {name}\n")
+    if results is not None:
+        (sweep / name / "results.json").write_text(json.dumps(results))
+
+
+def test_the_sweep_summary_lists_this_sweeps_jobs_and_fails_unless_all_finished(tmp_path, capsys):
+    config = OmegaConf.create({"hydra": {"sweep": {"dir": str(tmp_path)}}})
+    _job(tmp_path, "0_old", {"status": "rejected", "error": "from an earlier sweep"})
+    summary = outputs.SweepSummary()
+    summary.on_multirun_start(config)
+    _job(tmp_path, "0_new", {"status": "completed"})
+    _job(tmp_path, "1_new", {"status": "diverged", "error": "loss nan\nat step 3"})
+    summary.on_multirun_end(config)  # all finished: no exit
+    assert capsys.readouterr().out.splitlines() == [
+        f"Sweep {tmp_path}: 2 jobs (1 completed, 1 diverged)",
+        f"  completed {tmp_path}/0_new",
+        f"  diverged  {tmp_path}/1_new: loss nan",
+    ]
+    _job(tmp_path, "2_new", None)  # killed before results.json
+    with pytest.raises(SystemExit) as exit_:
+        summary.on_multirun_end(config)
+    assert exit_.value.code == 1
+    assert f"  missing   {tmp_path}/2_new" in capsys.readouterr().out.splitlines()
