@@ -1,7 +1,7 @@
 """Evaluation throughput of the causal adapter: batched vs one example at a time, same run.
 
-    python -m large_models.eval_bench --out bench.json [--tasks boolq,squad] [--rows 64]
-        [--single-rows 16] [overrides ...]
+    lozo-exp eval-bench --out bench.json [--tasks boolq,squad] [--rows 64] [--single-rows 16]
+        [overrides ...]        (or python -m large_models.eval_bench ...)
 
 Overrides are the usual Hydra ones (`model=opt-1.3b model.random_init=true
 trainer.eval_batch_size=16`); the data are the bundled samples (`task.source=sample`, rows
@@ -16,29 +16,24 @@ import argparse
 import json
 import logging
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
-from hydra import compose, initialize_config_dir
-from omegaconf import OmegaConf
 
-import lozo_exp.__main__  # noqa: F401  (goes offline at import when the hub is unreachable)
 from large_models.adapter import CausalLMAdapter
+from lozo_exp import cli
 from lozo_exp.adapter import load_task
-from lozo_exp.config import ConfigError, RunConfig, register_configs, validate
+from lozo_exp.config import ConfigError, RunConfig, TaskConfig, validate
 from lozo_exp.data import load_rows
 from lozo_exp.models import load_model, load_tokenizer
 from lozo_exp.tracking import resolve_device, synchronize
 
 log = logging.getLogger("eval_bench")
-CONF = Path(__file__).resolve().parents[1] / "conf"
 
 
-def _compose(overrides: list[str]) -> RunConfig:
-    register_configs()
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        cfg = compose(config_name="config", overrides=["task.source=sample", *overrides])
-    run_cfg: RunConfig = OmegaConf.to_object(cfg)
+def _compose(overrides: Sequence[str]) -> RunConfig:
+    run_cfg: RunConfig = cli.to_object(cli.compose("config", ["task.source=sample", *overrides]))
     validate(run_cfg)
     if run_cfg.model.family != "causal":
         raise ConfigError(f"eval_bench measures causal models; model {run_cfg.model.name} is not")
@@ -57,11 +52,11 @@ def _timed(adapter: CausalLMAdapter, rows: list[dict], batch_size: int) -> tuple
     return predictions, time.perf_counter() - start
 
 
-def bench_task(cfg: RunConfig, model, tokenizer, name: str, n_rows: int, n_single: int) -> dict:
+def bench_task(
+    cfg: RunConfig, model, tokenizer, task_cfg: TaskConfig, n_rows: int, n_single: int
+) -> dict:
+    name = task_cfg.name
     task = load_task("causal", name)
-    task_cfg = OmegaConf.to_object(
-        compose(config_name="config", overrides=["task.source=sample", f"task={name}"])
-    ).task
     sample = load_rows(task_cfg, "validation") + load_rows(task_cfg, "train")
     rows = (sample * (n_rows // len(sample) + 1))[:n_rows]
     adapter = CausalLMAdapter(model, tokenizer, task, cfg.model)
@@ -85,28 +80,29 @@ def bench_task(cfg: RunConfig, model, tokenizer, name: str, n_rows: int, n_singl
     return result
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="lozo-exp eval-bench", description=__doc__.split("\n\n")[0]
+    )
     parser.add_argument("--out", required=True, type=Path, help="JSON file to write")
     parser.add_argument("--tasks", default="boolq,squad", help="comma-separated OPT tasks")
     parser.add_argument("--rows", type=int, default=64, help="rows evaluated in batches")
     parser.add_argument("--single-rows", type=int, default=16, help="rows evaluated one by one")
+    parser.add_argument("--verbose", action="store_true", help="debug logs, progress bars")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. model=opt-1.3b")
-    args = parser.parse_args()
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-
-    cfg = _compose(args.overrides)
+    args = parser.parse_args(argv)
+    cli.start(args.verbose)
+    try:
+        cfg = _compose(args.overrides)
+        task_cfgs = [_compose([f"task={name}"]).task for name in args.tasks.split(",")]
+    except ConfigError as err:
+        cli.fail(err)
     device = resolve_device(cfg.trainer.device)
     tokenizer = load_tokenizer(cfg.model)
     torch.manual_seed(cfg.seed)
     model = load_model(cfg.model, tokenizer).to(device).eval()
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        tasks = {
-            name: bench_task(
-                cfg, model, tokenizer, name, args.rows, min(args.single_rows, args.rows)
-            )
-            for name in args.tasks.split(",")
-        }
+    n_single = min(args.single_rows, args.rows)
+    tasks = {t.name: bench_task(cfg, model, tokenizer, t, args.rows, n_single) for t in task_cfgs}
     report = {
         "model": cfg.model.name,
         "random_init": cfg.model.random_init,

@@ -1,4 +1,5 @@
-"""`python -m lozo_exp.bench model=<model> ...`: how close a ZO step comes to its floor.
+"""`lozo-exp bench model=<model> ...` (or `python -m lozo_exp.bench`): how close a ZO step comes
+to its floor.
 
 In one process, on a random-init model (time and memory do not depend on weight values), it
 times one forward, the floor terms, and one step of each ZO method — lozo-exp's fast engine, its
@@ -26,21 +27,21 @@ import shlex
 import statistics
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import hydra
 import torch
 import transformers
 from hydra.core.config_store import ConfigStore
 from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from torch import Tensor, nn
 
-from lozo_exp.config import RunConfig, validate
+from lozo_exp import cli
+from lozo_exp.config import ConfigError, RunConfig, validate
 from lozo_exp.models import load_model, load_tokenizer
 from lozo_exp.optim import LOZO, LOZOM, FastEngine, MeZO, ZeroOrderOptimizer, add_direction, kernels
 from lozo_exp.tracking import synchronize
@@ -78,7 +79,8 @@ class BenchRunConfig(RunConfig):
     bench: BenchConfig = field(default_factory=BenchConfig)
 
 
-ConfigStore.instance().store(name="bench_schema", node=BenchRunConfig)
+def register_schema() -> None:
+    ConfigStore.instance().store(name="bench_schema", node=BenchRunConfig)
 
 
 def parse_shape(text: str) -> tuple[int, int]:
@@ -88,7 +90,7 @@ def parse_shape(text: str) -> tuple[int, int]:
             return b, n
     except ValueError:
         pass
-    raise ValueError(f"bench.shapes entry {text!r} is not BATCHxLENGTH, e.g. 32x64")
+    raise ConfigError(f"bench.shapes entry {text!r} is not BATCHxLENGTH, e.g. 32x64")
 
 
 def check(cfg: BenchRunConfig) -> None:
@@ -96,11 +98,11 @@ def check(cfg: BenchRunConfig) -> None:
     validate(cfg)
     bad = [s for s in cfg.bench.steps if s not in STEPS]
     if bad:
-        raise ValueError(f"bench.steps {bad} are not among: {', '.join(STEPS)}")
+        raise ConfigError(f"bench.steps {bad} are not among: {', '.join(STEPS)}")
     for s in cfg.bench.shapes:
         parse_shape(s)
     if cfg.bench.repeats < 1 or cfg.bench.warmup < 0:
-        raise ValueError("bench.repeats must be >= 1 and bench.warmup >= 0")
+        raise ConfigError("bench.repeats must be >= 1 and bench.warmup >= 0")
 
 
 # -- the published step, re-expressed --------------------------------------------------------
@@ -370,14 +372,16 @@ def run_bench(cfg: BenchRunConfig, out_dir: Path) -> dict[str, Any]:
     return report
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="bench")
-def main(dict_cfg: DictConfig) -> None:
-    cfg: BenchRunConfig = OmegaConf.to_object(dict_cfg)
-    try:
-        run_bench(cfg, Path(HydraConfig.get().runtime.output_dir))
-    except ValueError as err:
-        print(f"\nlozo-exp bench: {err}", file=sys.stderr)
-        sys.exit(1)
+def bench(dict_cfg: DictConfig) -> None:
+    """The Hydra job: a bad setting ends as one paragraph (`cli.run_hydra`)."""
+    hydra_cfg = HydraConfig.get()
+    cli.set_verbosity(bool(hydra_cfg.verbose))
+    run_bench(cli.to_object(dict_cfg), Path(hydra_cfg.runtime.output_dir))
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    register_schema()
+    cli.run_hydra(bench, "bench", argv)
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ The source is the LM-BFF archive when it is at hand, else the task's hub dataset
 the archive's formats first, so the same procedure applies), or the bundled miniature archive
 for offline tests. Every built split directory records its source in `kshot_source.json`.
 
-    python -m lozo_exp.kshot --task sst2 mnli --k 16 512 --data-dir data
+    lozo-exp kshot --task sst2 mnli --k 16 512 --data-dir data    (or python -m medium_models.kshot)
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ import json
 import logging
 import shutil
 import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -31,6 +32,7 @@ import numpy as np
 import pandas as pd
 from omegaconf import OmegaConf
 
+from lozo_exp import cli
 from lozo_exp.adapter import available_tasks, load_task
 from lozo_exp.config import TaskConfig
 from lozo_exp.data import DataUnavailable, Splits, load_rows
@@ -39,7 +41,6 @@ from medium_models.tasks.base import PromptTask
 log = logging.getLogger(__name__)
 
 MINIATURE = Path(__file__).parent / "data" / "miniature" / "original"
-CONF_TASKS = Path(__file__).resolve().parents[1] / "conf" / "task"
 KS = (16, 512)
 SEEDS = (13, 21, 42, 87, 100)
 TEST_CAP = 1000
@@ -263,16 +264,15 @@ def _record(task: PromptTask, original: Original, k: int, seed: int, test_cap: i
 
 def task_config(name: str, **overrides) -> TaskConfig:
     """A task's `conf/task/<name>.yaml` as a TaskConfig."""
-    node = OmegaConf.merge(
-        OmegaConf.structured(TaskConfig), OmegaConf.load(CONF_TASKS / f"{name}.yaml"), overrides
-    )
+    yaml = cli.config_dir() / "task" / f"{name}.yaml"
+    node = OmegaConf.merge(OmegaConf.structured(TaskConfig), OmegaConf.load(yaml), overrides)
     return OmegaConf.to_object(node)
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: Sequence[str] | None = None) -> None:
     tasks = available_tasks("masked")
     parser = argparse.ArgumentParser(
-        prog="python -m lozo_exp.kshot",
+        prog="lozo-exp kshot",
         description="Build LM-BFF k-shot splits <data-dir>/k-shot-1k-test/<TASK>/<K>-<seed>/ "
         "from <data-dir>/original/<TASK>/ (the LM-BFF archive) or from the hub datasets.",
     )
@@ -288,14 +288,15 @@ def main(argv: list[str] | None = None) -> None:
         "sample: the bundled miniature archive",
     )
     parser.add_argument("--test-cap", type=int, default=TEST_CAP)
+    parser.add_argument("--verbose", action="store_true", help="debug logs, progress bars")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    cli.start(args.verbose)
     for name in args.task:
         task = load_task("masked", name)
         try:
             original = load_original(task, task_config(name, lmbff_root=args.data_dir), args.source)
         except DataUnavailable as err:
-            raise SystemExit(f"lozo_exp.kshot: {err}") from err
+            cli.fail(err)
         print(f"{name}: source = {original.source}")
         for k in args.k:
             for seed in args.seed:
@@ -303,3 +304,7 @@ def main(argv: list[str] | None = None) -> None:
                 files = build_split(task, original, k, seed, args.test_cap)
                 write_split(files, folder, _record(task, original, k, seed, args.test_cap))
                 print(f"  {folder}: {', '.join(sorted(files))}")
+
+
+if __name__ == "__main__":
+    main()

@@ -17,7 +17,7 @@ CELL="model=roberta-large task=$TASKS task.k=$K task.data_seed=$SEEDS"
 # k-shot splits data/k-shot-1k-test/<TASK>/<K>-<seed>/ from data/original/ (the LM-BFF archive,
 # https://nlp.cs.princeton.edu/projects/lm-bff/datasets.tar) or, without it, the hub datasets.
 # (Runs build a missing split on first use; building them up front avoids races between jobs.)
-python -m lozo_exp.kshot --k "$K" --data-dir data
+python -m lozo_exp kshot --k "$K" --data-dir data
 
 python -m lozo_exp -m $CELL method=zero-shot
 python -m lozo_exp -m $CELL method=ft                        # lr 1e-5 (finetune.sh)

@@ -15,21 +15,18 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
-from omegaconf import OmegaConf
 
-from lozo_exp.config import RunConfig, register_configs
+from lozo_exp import cli
+from lozo_exp.config import RunConfig
 from lozo_exp.runner import run
 
-CONF = Path(__file__).resolve().parents[1] / "conf"
-register_configs()
+CONF = cli.config_dir()
 torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 
 def compose_config(*overrides: str) -> RunConfig:
-    """The typed config `python -m lozo_exp <overrides>` would run."""
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        return OmegaConf.to_object(compose(config_name="config", overrides=list(overrides)))
+    """The typed config `lozo-exp <overrides>` would run."""
+    return cli.run_config(overrides)
 
 
 def run_overrides(out_dir: Path, *overrides: str) -> dict:

@@ -5,16 +5,15 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import CONF
-from hydra import compose, initialize_config_dir
-from omegaconf import OmegaConf
 
-from lozo_exp.bench import STEPS, BenchRunConfig, run_bench
+from lozo_exp import cli
+from lozo_exp.bench import STEPS, BenchRunConfig, register_schema, run_bench
+from lozo_exp.config import ConfigError
 
 
 def bench_config(*overrides: str) -> BenchRunConfig:
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        return OmegaConf.to_object(compose(config_name="bench", overrides=list(overrides)))
+    register_schema()
+    return cli.to_object(cli.compose("bench", overrides))
 
 
 def test_cpu_bench_writes_the_documented_json(tmp_path, capsys):
@@ -48,5 +47,5 @@ def test_cpu_bench_writes_the_documented_json(tmp_path, capsys):
     [("bench.shapes=[32by64]", "BATCHxLENGTH"), ("bench.steps=[fwd,turbo]", "turbo")],
 )
 def test_bad_bench_settings_fail_before_the_model_is_built(tmp_path, override, message):
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(ConfigError, match=message):
         run_bench(bench_config("model=tiny-opt", override), tmp_path)

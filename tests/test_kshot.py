@@ -112,10 +112,13 @@ def test_run_refuses_a_split_without_dev():
         kshot_splits(load_task("masked", "rte"), cfg)
 
 
-def test_cli_without_archive_or_hub_says_where_to_put_the_archive(tmp_path):
-    with pytest.raises(SystemExit, match="hub dataset aps/super_glue") as exc:
+def test_cli_without_archive_or_hub_says_where_to_put_the_archive(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exc:
         main(["--task", "rte", "--k", "4", "--seed", "13", "--data-dir", str(tmp_path)])
-    assert f"archive's RTE folder at {tmp_path / 'original' / 'RTE'}" in str(exc.value)
+    err = capsys.readouterr().err
+    assert exc.value.code == 1 and err.startswith("\nlozo-exp: ") and "Traceback" not in err
+    assert "hub dataset aps/super_glue" in err
+    assert f"archive's RTE folder at {tmp_path / 'original' / 'RTE'}" in err
 
 
 def test_cli_builds_from_the_archive(tmp_path, capsys):

@@ -1,0 +1,237 @@
+"""How every lozo-exp command starts: find `conf/`, compose a config, go offline when the hub
+is unreachable, set up logging, and end a bad setting with one readable paragraph (exit status 1)
+before anything is written. Nothing here runs at import time; the commands call it:
+
+- Hydra apps (`train`, `bench`): `run_hydra(task_function, config_name, argv)`;
+- argparse commands (`kshot`, `eval-bench`, `report`): `start(verbose)`, then `compose(...)` for
+  a config, and `fail(err)` for a `ConfigError`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import socket
+import sys
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, NoReturn
+from urllib.parse import urlparse
+
+import hydra
+from hydra.core.global_hydra import GlobalHydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.errors import HydraException, MissingConfigException, OverrideParseException
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
+
+from lozo_exp import outputs
+from lozo_exp.config import ConfigError, RunConfig, register_configs
+
+LOG_FORMAT = "[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"  # as Hydra's job logging
+
+
+def config_dir() -> Path:
+    """The `conf/` of the code being run: the copy inside an installed package
+    (`lozo_exp/conf`), else the checkout's top-level `conf/` (never another checkout's)."""
+    package = Path(__file__).resolve().parent
+    for candidate in (package / "conf", package.parent / "conf"):
+        if (candidate / "config.yaml").is_file():
+            return candidate
+    raise ConfigError(f"found no conf/config.yaml in {package} or next to it")
+
+
+def go_offline_if_hub_unreachable() -> None:
+    """Without this, every hub lookup on an offline machine retries for about a minute."""
+    if os.environ.get("HF_HUB_OFFLINE"):
+        return
+    host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname
+    try:
+        socket.create_connection((host, 443), timeout=3).close()
+    except OSError:
+        os.environ["HF_HUB_OFFLINE"] = "1"
+
+
+def set_verbosity(verbose: bool) -> None:
+    """Library progress bars (datasets' "Generating train split" on every run) only when
+    verbose (`hydra.verbose=true`, or a command's `--verbose`)."""
+    if verbose:
+        return
+    os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")  # read when datasets loads
+    if "datasets" in sys.modules and os.environ["HF_DATASETS_DISABLE_PROGRESS_BARS"] == "1":
+        sys.modules["datasets"].disable_progress_bars()
+
+
+def start(verbose: bool = False) -> None:
+    """Set up an argparse command: offline when needed, console logging, quiet libraries."""
+    go_offline_if_hub_unreachable()
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format=LOG_FORMAT)
+    set_verbosity(verbose)
+
+
+def register() -> None:
+    """The run schemas (ConfigStore) and the resolvers `conf/` uses."""
+    register_configs()
+    outputs.register_resolvers()
+
+
+# -- config errors as one paragraph ----------------------------------------------------------
+
+
+def _node_label(path: str, node: Any) -> str:
+    """`method mezo`, `trainer`, or `the config` (the root)."""
+    if not path:
+        return "the config"
+    name = node.get("name") if isinstance(node, DictConfig) else None
+    return f"{path} {name}" if isinstance(name, str) else path
+
+
+def _not_a_key(full_key: str, node: Any, keys: Sequence[str], open_node: bool) -> str:
+    path = full_key.rpartition(".")[0]
+    text = f"{full_key} is not a key of {_node_label(path, node)}; its keys are: {', '.join(keys)}"
+    return text + (f" (add a new one with +{full_key}=VALUE)" if open_node else "")
+
+
+def _schema_keys(schema: Any) -> list[str] | None:
+    if not dataclasses.is_dataclass(schema):
+        return None
+    return [f.name for f in dataclasses.fields(schema)]
+
+
+def describe(err: BaseException) -> str:
+    """One paragraph for a bad setting: for an unknown key, the key and the keys its node
+    accepts; for an unknown option, the group's options; else the library's message, joined."""
+    if isinstance(err, ConfigError):
+        return str(err)
+    if isinstance(err, MissingConfigException) and err.missing_cfg_file and err.options:
+        group, _, choice = err.missing_cfg_file.rpartition("/")
+        return f"{group}={choice} is not an option of {group}; its options are: " + ", ".join(
+            err.options
+        )
+    if isinstance(err, OverrideParseException):
+        return f"cannot parse the override {err.override!r}: {err.message.splitlines()[0]}"
+    cause = err.__cause__ if isinstance(err.__cause__, OmegaConfBaseException) else err
+    full_key = getattr(cause, "full_key", None)
+    if isinstance(cause, (ConfigAttributeError, ConfigKeyError)) and full_key:
+        node = cause.parent_node
+        schema_keys = _schema_keys(cause.object_type)
+        keys = schema_keys or (list(node.keys()) if isinstance(node, DictConfig) else [])
+        return _not_a_key(full_key, node, keys, open_node=schema_keys is None)
+    if isinstance(cause, OmegaConfBaseException) and full_key:
+        return f"{full_key}: {str(cause.msg).splitlines()[0]}"
+    return " ".join(str(err).split())
+
+
+def check_keys(cfg: DictConfig, skip: Sequence[str] = (), path: str = "") -> None:
+    """Every key of a typed node is a field of its schema: Hydra lets `+trainer.foo=1` add a
+    key to a typed node, which would then be silently ignored."""
+    fields = _schema_keys(OmegaConf.get_type(cfg))
+    for key, value in cfg.items_ex(resolve=False):
+        full_key = f"{path}{key}"
+        if full_key in skip:
+            continue
+        if fields is not None and key not in fields:
+            raise ConfigError(_not_a_key(full_key, cfg, fields, open_node=False))
+        if isinstance(value, DictConfig):
+            check_keys(value, skip, f"{full_key}.")
+
+
+@contextmanager
+def config_errors() -> Iterator[None]:
+    """Hydra's and OmegaConf's composition errors, raised as one-paragraph ConfigErrors."""
+    try:
+        yield
+    except (HydraException, OmegaConfBaseException) as err:
+        raise ConfigError(describe(err)) from err
+
+
+def fail(err: BaseException | str) -> NoReturn:
+    """End the command: one paragraph on stderr, exit status 1."""
+    message = describe(err) if isinstance(err, BaseException) else err
+    print(f"\nlozo-exp: {message}", file=sys.stderr)
+    raise SystemExit(1)
+
+
+# -- composing -------------------------------------------------------------------------------
+
+
+def compose(config_name: str = "config", overrides: Sequence[str] = ()) -> DictConfig:
+    """The config `lozo-exp <overrides>` would run (Hydra's Compose API over `config_dir()`);
+    a bad override raises ConfigError. Schemas of other configs (e.g. `bench`) are registered
+    by their module before this is called."""
+    register()
+    with (
+        config_errors(),
+        hydra.initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"),
+    ):
+        cfg = hydra.compose(config_name=config_name, overrides=list(overrides))
+    check_keys(cfg)
+    return cfg
+
+
+def run_config(overrides: Sequence[str] = ()) -> RunConfig:
+    """The typed config `lozo-exp train <overrides>` runs (values not yet validated)."""
+    return to_object(compose("config", overrides))
+
+
+def to_object(cfg: DictConfig) -> Any:
+    """The typed object of a composed config (a job's config), or a ConfigError."""
+    check_keys(cfg)
+    with config_errors():
+        return OmegaConf.to_object(cfg)
+
+
+def run_hydra(
+    task_function: Callable[[DictConfig], Any],
+    config_name: str,
+    argv: Sequence[str] | None = None,
+) -> None:
+    """Run `task_function` as the Hydra app of `conf/<config_name>.yaml` with Hydra's command
+    line `argv` (default: the process's): overrides, `-m`, `--cfg job`, `--help`, ..."""
+    go_offline_if_hub_unreachable()
+    register()
+    app = hydra.main(version_base="1.3", config_path=str(config_dir()), config_name=config_name)
+    saved_argv, full_error = sys.argv, os.environ.get("HYDRA_FULL_ERROR")
+    sys.argv = [sys.argv[0], *(sys.argv[1:] if argv is None else argv)]
+    os.environ["HYDRA_FULL_ERROR"] = "1"  # Hydra raises composition errors instead of printing
+    try:
+        app(task_function)()
+    except (ConfigError, HydraException, OmegaConfBaseException) as err:
+        if full_error == "1":
+            raise
+        fail(err)
+    finally:
+        sys.argv = saved_argv
+        if full_error is None:
+            del os.environ["HYDRA_FULL_ERROR"]
+        else:
+            os.environ["HYDRA_FULL_ERROR"] = full_error
+        GlobalHydra.instance().clear()
+
+
+class StartGuard(Callback):
+    """Before Hydra writes anything (`.hydra/`, a sweep's `multirun.yaml`), ends the command
+    when the config has keys its schema lacks or the run or sweep directory holds a run.
+    Listed under `hydra.callbacks` in `conf/config.yaml`."""
+
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        HydraConfig.instance().set_config(config)  # the directory may use ${hydra:...}
+        self._check(config, [Path(config.hydra.run.dir)], "hydra.run.dir")
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        HydraConfig.instance().set_config(config)
+        sweep_dir = Path(config.hydra.sweep.dir)
+        self._check(config, [sweep_dir, *outputs.job_dirs(sweep_dir)], "hydra.sweep.dir")
+
+    @staticmethod
+    def _check(config: DictConfig, dirs: list[Path], setting: str) -> None:
+        # Hydra turns an Exception raised by a callback into a warning: `fail` exits instead.
+        try:
+            check_keys(config, skip=("hydra",))
+            for directory in dirs:
+                outputs.check_output_dir(directory, setting)
+        except ConfigError as err:
+            fail(err)

@@ -1,0 +1,57 @@
+"""`lozo-exp [train] [overrides]`: compose the run config with Hydra, run it, say where results are.
+
+A bad setting ends with one readable paragraph and exit status 1, before any model is loaded.
+In a sweep (`-m`) a job that fails still leaves `results.json` with `status` and `error`, the
+sweep goes on, and a summary of every job closes it (`lozo_exp.outputs.SweepSummary`).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from omegaconf import DictConfig
+
+from lozo_exp import cli, outputs
+from lozo_exp.config import ConfigError
+
+log = logging.getLogger("lozo_exp")
+
+
+def train(dict_cfg: DictConfig) -> float | None:
+    """One Hydra job: the dev metric the paper reports (what a sweeper maximises), or None."""
+    hydra_cfg = HydraConfig.get()
+    out_dir = Path(hydra_cfg.runtime.output_dir)
+    cli.set_verbosity(bool(hydra_cfg.verbose))
+    if os.environ.get("HF_HUB_OFFLINE") == "1":
+        log.info("HF_HUB_OFFLINE=1: reading only local files and the hub cache")
+    try:
+        cfg = cli.to_object(dict_cfg)
+        from lozo_exp.runner import run  # torch: only once a job runs
+
+        results = run(cfg, out_dir)
+    except Exception as err:
+        outputs.record_failure(out_dir, err)
+        status = outputs.read_status(out_dir)
+        if hydra_cfg.mode == RunMode.MULTIRUN:
+            log.error("job %d %s (%s): %s", hydra_cfg.job.num, status, out_dir, err)
+            return None  # the sweep goes on
+        if isinstance(err, ConfigError) or status == "diverged":
+            cli.fail(err)  # one paragraph; a crash keeps its traceback
+        raise
+    log.info("results: %s", out_dir / outputs.RESULTS)
+    print(f"Results are in {out_dir}: results.json, metrics.jsonl, .hydra/")
+    dev = results.get("dev") or {}
+    return dev.get(results["metric"])
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    cli.run_hydra(train, "config", argv)
+
+
+if __name__ == "__main__":
+    main()
