@@ -111,13 +111,17 @@ class CausalLMAdapter(Adapter):
         batch["answers"] = [p.answers for p in prompted]
         return batch
 
+    def _objective_batch(self, prompted: list[Prompted]) -> Batch:
+        """Teacher-forced batch: every candidate (classification) or the gold answer."""
+        if self.task.objective == "classification":
+            return self._candidate_batch(prompted)
+        return self._pad([self._encode(p, (p.options[p.label],))[0] for p in prompted])
+
     def collate(self, rows: list[Row]) -> Batch:
         prompted = [self._render(row) for row in rows]
         if self.non_diff:
             return self._prompt_batch(prompted)
-        if self.task.objective == "classification":
-            return self._candidate_batch(prompted)
-        return self._pad([self._encode(p, (p.options[p.label],))[0] for p in prompted])
+        return self._objective_batch(prompted)
 
     # -- scoring ----------------------------------------------------------------------------
     def _option_logprobs(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
@@ -161,15 +165,22 @@ class CausalLMAdapter(Adapter):
         texts = self.tokenizer.batch_decode(out[:, width:], skip_special_tokens=True)
         return [t.strip() for t in texts]
 
+    def _objective_loss(self, batch: Batch) -> torch.Tensor:
+        """Cross-entropy over the candidates, or the gold answer's mean token NLL."""
+        if self.task.objective == "classification":
+            return F.cross_entropy(self._option_scores(batch), batch["labels"])
+        token_logp, mask = self._option_logprobs(batch)
+        return -(token_logp * mask).sum() / mask.sum()
+
     def loss(self, batch: Batch) -> torch.Tensor:
         if self.non_diff:
             answers = self._generate(batch)
             scores = [f1(a, golds) for a, golds in zip(answers, batch["answers"], strict=True)]
             return -torch.tensor(sum(scores) / len(scores))
-        if self.task.objective == "classification":
-            return F.cross_entropy(self._option_scores(batch), batch["labels"])
-        token_logp, mask = self._option_logprobs(batch)
-        return -(token_logp * mask).sum() / mask.sum()
+        return self._objective_loss(batch)
+
+    def objective_loss(self, rows: list[Row]) -> torch.Tensor:
+        return self._objective_loss(self._objective_batch([self._render(row) for row in rows]))
 
     def _predict(self, prompted: list[Prompted]) -> list[int] | list[str]:
         if self.task.generation:

@@ -10,6 +10,8 @@ from __future__ import annotations
 import importlib
 import pkgutil
 from abc import ABC, abstractmethod
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any, ClassVar
 
 import torch
@@ -58,18 +60,41 @@ class Adapter(ABC):
     def prepare(self, cfg: RunConfig, splits: Splits) -> None:
         """Run-specific setup once the model is built (causal: ICL demonstrations, non_diff)."""
 
-    @torch.inference_mode()
-    def evaluate(self, rows: list[Row], batch_size: int) -> dict[str, float]:
-        """Mean metrics over rows (eval mode); include `self.task.metric`, the paper's number."""
+    @contextmanager
+    def _evaluating(self) -> Iterator[None]:
+        """Eval mode (dropout off) and no autograd, restoring the mode afterwards."""
         was_training = self.model.training
         self.model.eval()
+        try:
+            with torch.inference_mode():
+                yield
+        finally:
+            self.model.train(was_training)
+
+    def evaluate(self, rows: list[Row], batch_size: int) -> dict[str, float]:
+        """Mean metrics over rows (eval mode); include `self.task.metric`, the paper's number."""
         progress = Progress("evaluated", len(rows), every_s=30.0)
         scores: list[dict[str, float]] = []
-        for start in range(0, len(rows), batch_size):
-            scores += self.score_batch(rows[start : start + batch_size])
-            progress.update(len(scores))
-        self.model.train(was_training)
+        with self._evaluating():
+            for start in range(0, len(rows), batch_size):
+                scores += self.score_batch(rows[start : start + batch_size])
+                progress.update(len(scores))
         return {k: sum(s[k] for s in scores) / len(scores) for k in scores[0]} if scores else {}
+
+    def objective_loss(self, rows: list[Row]) -> torch.Tensor:
+        """The differentiable training objective of rows (for a non-differentiable training loss,
+        the teacher-forced loss it stands in for): what the dev loss measures."""
+        return self.loss(self.collate(rows))
+
+    def dev_loss(self, rows: list[Row], batch_size: int) -> float:
+        """Mean objective over rows in eval mode, batch losses weighted by their rows (as HF
+        Trainer's eval loss, which the published OPT code selects the tested state by)."""
+        total = 0.0
+        with self._evaluating():
+            for start in range(0, len(rows), batch_size):
+                chunk = rows[start : start + batch_size]
+                total += float(self.objective_loss(chunk)) * len(chunk)
+        return total / max(1, len(rows))
 
     def pad(self, seqs: list[list[int]], left: bool) -> tuple[torch.Tensor, torch.Tensor]:
         """Token ids and attention mask of `seqs` padded to one width, on the model's device."""

@@ -7,22 +7,20 @@ checks values (ranges, combinations) and raises `ConfigError` with one readable 
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
 FAMILIES = ("causal", "masked")
 DTYPES = ("float32", "float16", "bfloat16", "float64")
-ZO_METHODS = ("mezo", "mezo-lora", "lozo", "lozo-m")
-ENGINES = ("fast", "plain")
-TRAIN_METHODS = (*ZO_METHODS, "ft", "ft-lora")
-EVAL_METHODS = ("zero-shot", "icl")
-METHODS = (*TRAIN_METHODS, *EVAL_METHODS)
 DATA_SOURCES = ("hub", "sample")
 LR_SCHEDULES = ("constant", "linear")
+SELECT_BY = ("loss", "metric")
+AMP = ("off", "fp16", "bf16")
 
 
 class ConfigError(ValueError):
@@ -40,6 +38,9 @@ class ModelConfig:
     arch: dict[str, Any] = field(default_factory=dict)
     max_length: int = 2048
     lora_targets: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
+    # Modules that train in full next to the LoRA adapters in the published code of the family
+    # (RoBERTa: the LM head; OPT: none): the default of the LoRA methods' `modules_to_save`.
+    lora_modules_to_save: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -84,33 +85,43 @@ class TaskConfig:
 
 @dataclass
 class MethodConfig:
+    """Keys every method has. Each method extends it with its own schema (`lozo_exp/methods/`),
+    which replaces this one when `method=<name>` is composed, so a key the chosen method does not
+    use fails at compose time."""
+
     name: str = MISSING
-    lr: float = 1e-6
-    eps: float = 1e-3
-    weight_decay: float = 0.0
-    rank: int = 2  # LOZO rank r
-    interval: int = 50  # LOZO step interval ν between V refreshes
-    beta: float = 0.9  # LOZO-M momentum
-    lora_r: int = 8
-    lora_alpha: int = 16
-    batch_size: int = 16
-    num_demos: int = 32  # ICL: demonstrations taken from the training sample
-    # ZO step engine: "fast" (side path / fused passes, lozo_exp.optim.engine) or "plain"
-    # (in-place reference path); both compute the same losses and updates.
-    engine: str = "fast"
+    # Zeroth-order methods: only they can train on task.non_diff's loss (-F1 of generations).
+    gradient_free: ClassVar[bool] = False
+    # Backprop methods: only they use trainer.max_grad_norm and trainer.amp.
+    backprop: ClassVar[bool] = False
+
+    def check(self, run: RunConfig) -> list[str]:
+        """One message per bad value of this method (or a run setting it cannot serve)."""
+        return []
 
 
 @dataclass
 class TrainerConfig:
-    max_steps: int = 20000
-    eval_steps: int = 4000
+    # Length of training: exactly one of max_steps and epochs (epochs: max_steps is
+    # epochs * ceil(train examples / method.batch_size); the last batch of an epoch may be short).
+    max_steps: int | None = 20000
+    epochs: int | None = None
+    eval_steps: int | None = 4000  # dev evaluation interval; None: at the end of each epoch
+    # Which dev evaluation's state is tested: the lowest dev loss (the published OPT code, HF
+    # Trainer's load_best_model_at_end) or the best task metric (LM-BFF, the RoBERTa code).
+    # Ties: the earlier evaluation wins.
+    select_by: str = "metric"
     log_steps: int = 10
     eval_batch_size: int = 8
     progress_every_s: float = 30.0  # at most one progress line per this many seconds
     device: str = "auto"  # "auto" (cuda when available), "cpu", "cuda", "cuda:1", ...
-    # "constant" (the ZO scripts) or "linear" decay to 0 over max_steps (HF Trainer's default,
+    # "constant" (the ZO scripts) or "linear" decay to 0 over the run (HF Trainer's default,
     # which the published FT scripts use).
     lr_schedule: str = "constant"
+    # Backprop methods only: clip the gradient norm (None: no clipping), and mixed precision
+    # (autocast; "fp16" also scales the loss) over float32 master weights.
+    max_grad_norm: float | None = None
+    amp: str = "off"
 
 
 @dataclass
@@ -131,62 +142,106 @@ class RunConfig:
 
 
 def register_configs() -> None:
+    """Store the run schema and every method's schema (`method/<name>_schema`)."""
+    from lozo_exp.methods import register_method_schemas
+
     ConfigStore.instance().store(name="run_schema", node=RunConfig)
+    register_method_schemas()
 
 
-def _choices(values: tuple[str, ...]) -> str:
+def choices(values: Iterable[str]) -> str:
     return ", ".join(values)
+
+
+def failing(checks: Iterable[tuple[bool, str]]) -> list[str]:
+    """The messages of the checks that fail."""
+    return [msg for ok, msg in checks if not ok]
+
+
+def _method_fit(cfg: RunConfig) -> list[str]:
+    """Run settings that only some methods can serve, named with the methods that can."""
+    from lozo_exp.methods import METHODS
+
+    m, tr = cfg.method, cfg.trainer
+    if METHODS.get(m.name, None) is None or not isinstance(m, METHODS[m.name].config):
+        return [f"method.name={m.name!r} does not name this method's schema; use method=<name>"]
+    zo = [name for name, method in METHODS.items() if method.config.gradient_free]
+    backprop = [name for name, method in METHODS.items() if method.config.backprop]
+    return failing(
+        [
+            (
+                not cfg.task.non_diff or (m.gradient_free and cfg.model.family == "causal"),
+                f"task.non_diff=true (loss = -F1 of greedy generations, which has no gradient) "
+                f"needs a zeroth-order method on a causal model ({choices(zo)}); got "
+                f"method.name={m.name!r} with model.family={cfg.model.family!r}",
+            ),
+            (
+                m.backprop or (tr.amp == "off" and tr.max_grad_norm is None),
+                f"trainer.amp={tr.amp} and trainer.max_grad_norm={tr.max_grad_norm} apply to "
+                f"backprop methods ({choices(backprop)}); method {m.name} needs amp=off and "
+                f"max_grad_norm=null",
+            ),
+        ]
+    )
 
 
 def validate(cfg: RunConfig) -> None:
     """Check values that a schema cannot; raise ConfigError naming the value and the choices."""
-    m, t, mo, tr = cfg.method, cfg.task, cfg.model, cfg.trainer
-    checks: list[tuple[bool, str]] = [
-        (mo.family in FAMILIES, f"model.family={mo.family!r} is not one of {_choices(FAMILIES)}"),
-        (mo.dtype in DTYPES, f"model.dtype={mo.dtype!r} is not one of {_choices(DTYPES)}"),
-        (m.name in METHODS, f"method.name={m.name!r} is not one of {_choices(METHODS)}"),
-        (m.lr >= 0, f"method.lr={m.lr} must be >= 0"),
-        (m.eps > 0, f"method.eps={m.eps} must be > 0"),
-        (m.weight_decay >= 0, f"method.weight_decay={m.weight_decay} must be >= 0"),
-        (m.rank >= 1, f"method.rank={m.rank} must be a positive integer"),
-        (m.interval >= 1, f"method.interval={m.interval} must be a positive integer"),
-        (0 <= m.beta < 1, f"method.beta={m.beta} must lie in [0, 1)"),
-        (m.engine in ENGINES, f"method.engine={m.engine!r} is not one of {_choices(ENGINES)}"),
-        (m.batch_size >= 1, f"method.batch_size={m.batch_size} must be a positive integer"),
-        (m.lora_r >= 1, f"method.lora_r={m.lora_r} must be a positive integer"),
-        (m.num_demos >= 0, f"method.num_demos={m.num_demos} must be >= 0"),
-        (
-            m.name != "icl" or mo.family == "causal",
-            f"method.name=icl (in-context learning) needs a causal model; model.family is "
-            f"{mo.family!r}",
-        ),
-        (
-            not t.non_diff or (m.name in ZO_METHODS and mo.family == "causal"),
-            f"task.non_diff=true (loss = -F1 of greedy generations, which has no gradient) "
-            f"needs a zeroth-order method on a causal model ({_choices(ZO_METHODS)}); got "
-            f"method.name={m.name!r} with model.family={mo.family!r}",
-        ),
-        (
-            t.source in DATA_SOURCES,
-            f"task.source={t.source!r} is not one of {_choices(DATA_SOURCES)}",
-        ),
-        (t.k >= 1, f"task.k={t.k} must be a positive integer"),
-        (t.test_cap >= 1, f"task.test_cap={t.test_cap} must be a positive integer"),
-        (
-            min(t.num_train, t.num_dev, t.num_eval) >= 1,
-            "task.num_train, task.num_dev and task.num_eval must be positive",
-        ),
-        (tr.max_steps >= 0, f"trainer.max_steps={tr.max_steps} must be >= 0"),
-        (tr.eval_steps >= 1, f"trainer.eval_steps={tr.eval_steps} must be a positive integer"),
-        (tr.log_steps >= 1, f"trainer.log_steps={tr.log_steps} must be a positive integer"),
-        (tr.eval_batch_size >= 1, f"trainer.eval_batch_size={tr.eval_batch_size} must be >= 1"),
-        (
-            tr.lr_schedule in LR_SCHEDULES,
-            f"trainer.lr_schedule={tr.lr_schedule!r} is not one of {_choices(LR_SCHEDULES)}",
-        ),
-        (mo.max_length >= 8, f"model.max_length={mo.max_length} is too small (>= 8)"),
-    ]
-    bad = [msg for ok, msg in checks if not ok]
+    t, mo, tr = cfg.task, cfg.model, cfg.trainer
+    bad = failing(
+        [
+            (
+                mo.family in FAMILIES,
+                f"model.family={mo.family!r} is not one of {choices(FAMILIES)}",
+            ),
+            (mo.dtype in DTYPES, f"model.dtype={mo.dtype!r} is not one of {choices(DTYPES)}"),
+            (
+                t.source in DATA_SOURCES,
+                f"task.source={t.source!r} is not one of {choices(DATA_SOURCES)}",
+            ),
+            (t.k >= 1, f"task.k={t.k} must be a positive integer"),
+            (t.test_cap >= 1, f"task.test_cap={t.test_cap} must be a positive integer"),
+            (
+                min(t.num_train, t.num_dev, t.num_eval) >= 1,
+                "task.num_train, task.num_dev and task.num_eval must be positive",
+            ),
+            (
+                (tr.max_steps is None) != (tr.epochs is None),
+                f"set exactly one of trainer.max_steps and trainer.epochs (got "
+                f"{tr.max_steps} and {tr.epochs}; e.g. trainer.epochs=null trainer.max_steps=100)",
+            ),
+            (
+                tr.max_steps is None or tr.max_steps >= 0,
+                f"trainer.max_steps={tr.max_steps} must be >= 0",
+            ),
+            (
+                tr.epochs is None or tr.epochs >= 1,
+                f"trainer.epochs={tr.epochs} must be a positive integer",
+            ),
+            (
+                tr.eval_steps is None or tr.eval_steps >= 1,
+                f"trainer.eval_steps={tr.eval_steps} must be a positive integer (null: each epoch)",
+            ),
+            (tr.log_steps >= 1, f"trainer.log_steps={tr.log_steps} must be a positive integer"),
+            (tr.eval_batch_size >= 1, f"trainer.eval_batch_size={tr.eval_batch_size} must be >= 1"),
+            (
+                tr.lr_schedule in LR_SCHEDULES,
+                f"trainer.lr_schedule={tr.lr_schedule!r} is not one of {choices(LR_SCHEDULES)}",
+            ),
+            (
+                tr.select_by in SELECT_BY,
+                f"trainer.select_by={tr.select_by!r} is not one of {choices(SELECT_BY)}",
+            ),
+            (tr.amp in AMP, f"trainer.amp={tr.amp!r} is not one of {choices(AMP)}"),
+            (
+                tr.max_grad_norm is None or tr.max_grad_norm > 0,
+                f"trainer.max_grad_norm={tr.max_grad_norm} must be > 0 (or null: no clipping)",
+            ),
+            (mo.max_length >= 8, f"model.max_length={mo.max_length} is too small (>= 8)"),
+        ]
+    )
+    bad += _method_fit(cfg)
+    bad += cfg.method.check(cfg)
     for split, path in vars(t.data_files).items():
         if path is not None and not Path(path).expanduser().is_file():
             bad.append(f"task.data_files.{split}={path!r} does not exist")

@@ -1,9 +1,10 @@
 """The one training loop for every method and model family.
 
 `run` checks the config and reads the data (the cheap steps that can fail) before it loads a
-model, then trains with `optimizer.step(closure)` — a zeroth-order optimizer evaluates the
-closure at two perturbed points, AdamW runs it with backprop — evaluates on dev every
-`trainer.eval_steps` keeping the best dev state, and tests with that state.
+model, then trains with the method's step (`lozo_exp.methods`: a zeroth-order optimizer
+evaluates the loss at two perturbed points, AdamW runs it with backprop), evaluates on dev every
+`trainer.eval_steps` (or each epoch) keeping the best dev state by `trainer.select_by` (dev
+loss or the task metric), and tests with that state.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import logging
 import math
 import time
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -22,9 +24,8 @@ from torch import nn
 from lozo_exp.adapter import Adapter, adapter_class, load_task
 from lozo_exp.config import RunConfig, validate
 from lozo_exp.data import Row, Splits
-from lozo_exp.methods import build_optimizer, make_closure, prepare_model, set_learning_rate
+from lozo_exp.methods import Method, build_method
 from lozo_exp.models import load_model, load_tokenizer
-from lozo_exp.optim import ZeroOrderOptimizer
 from lozo_exp.outputs import check_output_dir
 from lozo_exp.tracking import (
     MetricsLog,
@@ -51,10 +52,11 @@ class RunState:
     model: nn.Module
     optimizer: torch.optim.Optimizer | None
     seed: int
+    method: Method | None = None  # its step state (e.g. FT's loss scaler)
     step: int = 0
     epoch: int = 0
     position: int = 0  # rows of the current epoch already consumed
-    best_metric: float | None = None
+    best_metric: float | None = None  # trainer.select_by's value, higher is better (-dev loss)
     best_step: int | None = None
     best_dev: dict[str, float] | None = None
     best_params: dict[str, torch.Tensor] | None = None
@@ -77,6 +79,7 @@ class RunState:
         return {
             "params": {n: p.detach().clone() for n, p in self.trainable().items()},
             "optimizer": self.optimizer.state_dict() if self.optimizer else None,
+            "method": self.method.state_dict() if self.method else {},
             "torch_rng": torch.get_rng_state(),
             **{k: getattr(self, k) for k in self._PROGRESS},
         }
@@ -87,6 +90,8 @@ class RunState:
                 p.copy_(state["params"][name])
         if self.optimizer is not None:
             self.optimizer.load_state_dict(state["optimizer"])
+        if self.method is not None:
+            self.method.load_state_dict(state["method"])
         torch.set_rng_state(state["torch_rng"])
         for k in self._PROGRESS:
             setattr(self, k, state[k])
@@ -111,19 +116,40 @@ class Runner:
             len(self.splits.dev),
             ", ".join(f"{k} {len(v)}" for k, v in self.splits.test.items()),
         )
+        self.method = build_method(cfg)
+        self.max_steps, self.eval_steps = self._schedule()
         tokenizer = load_tokenizer(cfg.model)
         adapter_cls.check(task, tokenizer)
         # Everything expensive starts here.
         torch.manual_seed(cfg.seed)
         self.device = resolve_device(cfg.trainer.device)
         model = load_model(cfg.model, tokenizer).to(self.device)
-        model = prepare_model(model, cfg.method, cfg.model)
+        model = self.method.prepare_model(model)
         self.adapter = adapter_cls(model, tokenizer, task, cfg.model)
         self.adapter.prepare(cfg, self.splits)
-        self.state = RunState(model, build_optimizer(model, cfg.method, cfg.seed), cfg.seed)
+        optimizer = self.method.build_optimizer(model, cfg.seed)
+        self.state = RunState(model, optimizer, cfg.seed, self.method)
         n_train = sum(p.numel() for p in self.state.trainable().values())
         log.info("method %s: %.2fM trainable parameters", cfg.method.name, n_train / 1e6)
         self.peak_mem_mb = 0.0
+
+    def _schedule(self) -> tuple[int, int]:
+        """Training steps and the dev evaluation interval, from steps or epochs."""
+        tr = self.cfg.trainer
+        if not self.method.trains:
+            return 0, 1
+        per_epoch = math.ceil(len(self.splits.train) / self.cfg.method.batch_size)
+        steps = tr.max_steps if tr.max_steps is not None else tr.epochs * per_epoch
+        every = tr.eval_steps if tr.eval_steps is not None else per_epoch
+        log.info(
+            "training %d steps (%.3g epochs of %d steps at batch %d), dev evaluation every %d",
+            steps,
+            steps / per_epoch,
+            per_epoch,
+            self.cfg.method.batch_size,
+            every,
+        )
+        return steps, every
 
     def _memory(self) -> float:
         peak = peak_memory_mb(self.device)
@@ -131,26 +157,26 @@ class Runner:
         return peak
 
     def train(self, metrics: MetricsLog) -> None:
-        state, tr = self.state, self.cfg.trainer
+        state, tr, method = self.state, self.cfg.trainer, self.method
         optimizer = state.optimizer
-        progress = Progress("step", tr.max_steps, tr.progress_every_s, state.step)
+        progress = Progress("step", self.max_steps, tr.progress_every_s, state.step)
         losses: list[float] = []
         times: list[float] = []
         self._memory()
-        while state.step < tr.max_steps:
+        while state.step < self.max_steps:
             batch = self.adapter.collate(
                 state.next_batch(self.splits.train, self.cfg.method.batch_size)
             )
-            set_learning_rate(
-                optimizer, self.cfg.method.lr, tr.lr_schedule, state.step, tr.max_steps
-            )
+            lr = method.learning_rate(state.step, self.max_steps)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
             start = time.perf_counter()
-            loss = float(optimizer.step(make_closure(optimizer, self.adapter, batch)).detach())
+            step_loss, extra = method.step(optimizer, partial(self.adapter.loss, batch))
+            loss = float(step_loss)
             synchronize(self.device)
             times.append(time.perf_counter() - start)
             losses.append(loss)
             state.step += 1
-            grad = optimizer.projected_grad if isinstance(optimizer, ZeroOrderOptimizer) else None
             if state.step % tr.log_steps == 0 or not math.isfinite(loss):
                 record = {
                     "step": state.step,
@@ -159,9 +185,7 @@ class Runner:
                     "step_time_s": sum(times) / len(times),
                     "mem_peak_mb": self._memory(),
                 }
-                if grad is not None:
-                    record["projected_grad"] = grad
-                metrics.write(record)
+                metrics.write({**record, **extra})  # extra: the last step's (e.g. its g)
                 losses, times = [], []
             if not math.isfinite(loss):
                 raise TrainingDiverged(
@@ -171,13 +195,14 @@ class Runner:
                     f"model.dtype=float32/bfloat16. Logged steps are in metrics.jsonl."
                 )
             progress.update(state.step, f"loss {loss:.4f}")
-            if state.step % tr.eval_steps == 0 or state.step == tr.max_steps:
+            if state.step % self.eval_steps == 0 or state.step == self.max_steps:
                 self.evaluate_dev(metrics)
 
     def evaluate_dev(self, metrics: MetricsLog) -> dict[str, float]:
-        state, metric = self.state, self.adapter.task.metric
+        state, metric, tr = self.state, self.adapter.task.metric, self.cfg.trainer
         start = time.perf_counter()
-        scores = self.adapter.evaluate(self.splits.dev, self.cfg.trainer.eval_batch_size)
+        scores = self.adapter.evaluate(self.splits.dev, tr.eval_batch_size)
+        scores["dev_loss"] = self.adapter.dev_loss(self.splits.dev, tr.eval_batch_size)
         metrics.write(
             {
                 "step": state.step,
@@ -187,8 +212,10 @@ class Runner:
             }
         )
         log.info("step %d dev %s", state.step, _fmt(scores))
-        if state.best_metric is None or scores[metric] > state.best_metric:
-            state.best_metric, state.best_step, state.best_dev = scores[metric], state.step, scores
+        # Lower dev loss or higher metric is better; on a tie the earlier evaluation stays.
+        value = -scores["dev_loss"] if tr.select_by == "loss" else scores[metric]
+        if state.best_metric is None or value > state.best_metric:
+            state.best_metric, state.best_step, state.best_dev = value, state.step, scores
             if state.optimizer is not None:
                 state.best_params = {
                     n: p.detach().to("cpu", copy=True) for n, p in state.trainable().items()
@@ -214,11 +241,13 @@ class Runner:
             "model": cfg.model.name,
             "task": cfg.task.name,
             "method": cfg.method.name,
+            "method_config": asdict(cfg.method),
             "metric": self.adapter.task.metric,
+            "select_by": cfg.trainer.select_by,
             "seed": cfg.seed,
         }
         try:
-            if self.state.optimizer is None:
+            if not self.method.trains:
                 self.evaluate_dev(metrics)
             else:
                 self.train(metrics)

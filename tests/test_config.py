@@ -5,7 +5,8 @@ from pathlib import Path
 import pytest
 from conftest import CONF, compose_config
 
-from lozo_exp.config import METHODS, ConfigError, validate
+from lozo_exp.config import ConfigError, validate
+from lozo_exp.methods import METHODS
 
 MODELS = sorted(p.stem for p in (CONF / "model").glob("*.yaml"))
 TASKS = sorted(p.stem for p in (CONF / "task").glob("*.yaml"))
@@ -19,9 +20,11 @@ def test_config_groups_match_the_code():
 
 @pytest.mark.parametrize("model", MODELS)
 def test_every_model_and_method_composes(model):
+    """Each method's yaml and its hparams for the model's recipe compose onto its own schema."""
     for method in METHODS:
         cfg = compose_config(f"model={model}", f"method={method}")
         assert (cfg.model.name, cfg.method.name) == (model, method)
+        assert type(cfg.method) is METHODS[method].config
         if method == "icl" and cfg.model.family == "masked":
             with pytest.raises(ConfigError, match="needs a causal model"):
                 validate(cfg)
@@ -51,6 +54,27 @@ def test_recipes_follow_the_model_family():
     ft = compose_config("model=roberta-large", "method=ft")
     assert (ft.trainer.max_steps, ft.method.batch_size, ft.method.lr) == (1000, 8, 1e-5)
     assert (ft.trainer.lr_schedule, opt.trainer.lr_schedule) == ("linear", "constant")
+    assert (ft.trainer.max_grad_norm, ft.trainer.amp, ft.trainer.select_by) == (
+        1.0,
+        "off",
+        "metric",
+    )
+    assert (opt.trainer.select_by, rob.trainer.select_by) == ("loss", "metric")
+    # finetune.sh: 5 epochs, evaluated at each epoch's end, clipped at 1.0, --fp16 (fp32 weights)
+    opt_ft = compose_config("model=opt-13b", "method=ft")
+    tr = opt_ft.trainer
+    assert (tr.max_steps, tr.epochs, tr.eval_steps, tr.select_by) == (None, 5, None, "loss")
+    assert (tr.max_grad_norm, tr.amp, tr.lr_schedule, opt_ft.model.dtype) == (
+        1.0,
+        "fp16",
+        "linear",
+        "float32",
+    )
+    assert (opt_ft.method.batch_size, opt_ft.method.lr, opt_ft.method.betas) == (
+        8,
+        1e-5,
+        [0.9, 0.999],
+    )
     tiny = compose_config("model=tiny-roberta")
     assert tiny.task.source == "sample" and tiny.trainer.max_steps < 100
     # The user's overrides beat every default.
@@ -75,22 +99,75 @@ def test_typos_fail_when_composing(override, message):
 
 
 @pytest.mark.parametrize(
+    "method, key",
+    [
+        ("mezo", "rank=7"),
+        ("mezo", "lora_r=4"),
+        ("lozo", "beta=0.5"),
+        ("lozo-m", "num_demos=3"),
+        ("mezo-lora", "betas=[0.9,0.99]"),
+        ("ft", "eps=1e-3"),
+        ("ft", "engine=plain"),
+        ("ft-lora", "interval=10"),
+        ("zero-shot", "lr=1e-6"),
+        ("icl", "batch_size=4"),
+    ],
+)
+def test_a_key_the_method_does_not_use_fails_when_composing(method, key):
+    with pytest.raises(ConfigCompositionException) as err:
+        compose_config(f"method={method}", f"method.{key}")
+    name = key.split("=")[0]
+    assert f"Could not override 'method.{name}'" in str(err.value)
+    schema = METHODS[method].config.__name__
+    assert f"Key '{name}' not in '{schema}'" in str(err.value.__cause__)
+
+
+def test_each_method_has_the_keys_it_uses():
+    keys = {name: set(vars(compose_config(f"method={name}").method)) for name in METHODS}
+    zo = {"name", "lr", "eps", "weight_decay", "batch_size", "engine"}
+    lora = {"lora_r", "lora_alpha", "target_modules", "modules_to_save"}
+    ft = {"name", "lr", "weight_decay", "batch_size", "betas", "adam_eps", "warmup_steps"}
+    assert keys == {
+        "mezo": zo,
+        "lozo": zo | {"rank", "interval"},
+        "lozo-m": zo | {"rank", "interval", "beta"},
+        "mezo-lora": zo | lora,
+        "ft": ft,
+        "ft-lora": ft | lora,
+        "zero-shot": {"name"},
+        "icl": {"name", "num_demos"},
+    }
+
+
+@pytest.mark.parametrize(
     "override, named",
     [
         ("method.lr=-1e-6", "method.lr=-1e-06"),
-        ("method.rank=0", "method.rank=0"),
-        ("method.interval=0", "method.interval=0"),
+        ("method=lozo method.rank=0", "method.rank=0"),
+        ("method=lozo method.interval=0", "method.interval=0"),
         ("method.eps=0", "method.eps=0.0"),
-        ("method.batch_size=0", "method.batch_size=0"),
-        ("method.beta=1.0", "method.beta=1.0"),
-        ("method.beta=-0.1", "method.beta=-0.1"),
+        ("method=ft method.batch_size=0", "method.batch_size=0"),
+        ("method=lozo-m method.beta=1.0", "method.beta=1.0"),
+        ("method=lozo-m method.beta=-0.1", "method.beta=-0.1"),
+        ("trainer.select_by=accuracy", "trainer.select_by='accuracy' is not one of loss, metric"),
+        ("trainer.amp=fp8", "trainer.amp='fp8' is not one of off, fp16, bf16"),
+        ("trainer.epochs=3", "set exactly one of trainer.max_steps and trainer.epochs"),
+        ("trainer.max_steps=null", "set exactly one of trainer.max_steps and trainer.epochs"),
+        ("trainer.amp=bf16", "apply to backprop methods (ft, ft-lora); method mezo needs amp=off"),
+        ("trainer.max_grad_norm=1.0", "trainer.max_grad_norm=1.0 apply to backprop methods"),
+        ("method=ft trainer.max_grad_norm=0", "trainer.max_grad_norm=0.0 must be > 0"),
+        ("method=ft trainer.amp=fp16 model.dtype=float16", "needs model.dtype=float32"),
+        ("method=ft method.betas=[0.9]", "method.betas=[0.9] must be two numbers"),
+        ("method=mezo-lora method.lora_r=0", "method.lora_r=0"),
+        ("method=icl method.num_demos=-1", "method.num_demos=-1"),
+        ("method.name=lozo", "method.name='lozo' does not name this method's schema"),
         ("model.dtype=float8", "model.dtype='float8'"),
         ("task.data_files.train=/nonexistent/train.parquet", "/nonexistent/train.parquet"),
     ],
 )
 def test_bad_values_are_named(override, named):
     with pytest.raises(ConfigError, match="Invalid configuration") as err:
-        validate(compose_config(override))
+        validate(compose_config(*override.split()))
     assert named in str(err.value)
 
 

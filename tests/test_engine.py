@@ -14,7 +14,7 @@ from torch import nn
 from transformers import OPTConfig, OPTForCausalLM
 
 from lozo_exp.config import ConfigError, validate
-from lozo_exp.methods import build_optimizer
+from lozo_exp.methods import build_method
 from lozo_exp.models import load_model, load_tokenizer
 from lozo_exp.optim import (
     LOZO,
@@ -400,9 +400,10 @@ def test_engine_is_attached_explicitly():
 
 def test_method_engine_selects_the_path_and_is_validated():
     model = small_opt()
-    fast = build_optimizer(model, compose_config("method=lozo").method, seed=0)
+    fast = build_method(compose_config("method=lozo")).build_optimizer(model, seed=0)
     assert isinstance(fast.engine, FastEngine)
-    plain = build_optimizer(model, compose_config("method=lozo", "method.engine=plain").method, 0)
+    plain = build_method(compose_config("method=lozo", "method.engine=plain"))
+    plain = plain.build_optimizer(model, seed=0)
     assert plain.engine is None
     with pytest.raises(ConfigError, match=r"method.engine='turbo' is not one of fast, plain"):
         validate(compose_config("method.engine=turbo"))

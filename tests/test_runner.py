@@ -35,10 +35,15 @@ def test_every_method_runs_end_to_end(tmp_path, model, method):
         return
     assert results["steps"] == 6 and [r["step"] for r in train] == [2, 4, 6]
     assert [r["step"] for r in dev] == [3, 6]
+    backprop = method in ("ft", "ft-lora")
     for r in train:
         assert {"step", "loss", "lr", "step_time_s", "mem_peak_mb"} <= set(r)
-        assert ("projected_grad" in r) == (method not in ("ft", "ft-lora"))
-    assert results["dev"]["accuracy"] == max(r["accuracy"] for r in dev)
+        assert ("projected_grad" in r) != backprop
+        assert ("grad_norm" in r) == backprop  # the smoke FT recipe clips, as published
+    assert all(r["dev_loss"] > 0 for r in dev)
+    assert results["dev"]["accuracy"] == max(r["accuracy"] for r in dev)  # select_by=metric
+    assert results["method_config"]["name"] == method
+    assert ("rank" in results["method_config"]) == method.startswith("lozo")
 
 
 def _params(runner: Runner) -> dict[str, torch.Tensor]:
@@ -76,31 +81,47 @@ def test_lozo_changes_each_matrix_by_low_rank(tmp_path):
             assert sv[2] < 1e-3 * sv[0], name  # rank 2
 
 
-def test_best_dev_state_is_used_for_test(tmp_path, monkeypatch):
-    cfg = compose_config("method=lozo", "trainer.max_steps=9", "trainer.eval_steps=3")
+@pytest.mark.parametrize(
+    "select_by, accuracy, dev_loss",
+    [
+        ("metric", [0.5, 0.9, 0.9], [0.3, 0.5, 0.4]),  # highest accuracy; the tie keeps step 6
+        ("loss", [0.9, 0.5, 0.7], [0.8, 0.6, 0.6]),  # lowest dev loss; the tie keeps step 6
+    ],
+)
+def test_the_selected_dev_state_is_used_for_test(
+    tmp_path, monkeypatch, select_by, accuracy, dev_loss
+):
+    cfg = compose_config(
+        "method=lozo",
+        "trainer.max_steps=9",
+        "trainer.eval_steps=3",
+        f"trainer.select_by={select_by}",
+    )
     runner = Runner(cfg, tmp_path)
     snapshots = []
-    dev_scores = iter([0.5, 0.9, 0.7])  # the best dev evaluation is the second (step 6)
+    scores, losses = iter(accuracy), iter(dev_loss)
     real_evaluate = runner.adapter.evaluate
 
     def fake_evaluate(rows, batch_size):
         if rows is runner.splits.dev:
             snapshots.append(_params(runner))
-            return {"accuracy": next(dev_scores)}
+            return {"accuracy": next(scores)}
         assert all(torch.equal(p, snapshots[1][n]) for n, p in _params(runner).items())
         return real_evaluate(rows, batch_size)
 
     monkeypatch.setattr(runner.adapter, "evaluate", fake_evaluate)
+    monkeypatch.setattr(runner.adapter, "dev_loss", lambda rows, batch_size: next(losses))
     results = runner.run()
-    assert results["best_step"] == 6 and results["dev"] == {"accuracy": 0.9}
+    assert results["best_step"] == 6 and results["select_by"] == select_by
+    assert results["dev"] == {"accuracy": accuracy[1], "dev_loss": dev_loss[1]}
     assert json.loads((tmp_path / "results.json").read_text())["best_step"] == 6
 
 
-@pytest.mark.parametrize("method", ["lozo-m", "ft"])
+@pytest.mark.parametrize("method", ["lozo-m", "ft", "ft trainer.amp=fp16"])  # + loss scaler
 def test_resume_from_run_state_is_exact(tmp_path, method):
     def runner(steps: int, name: str) -> Runner:
         cfg = compose_config(
-            f"method={method}",
+            *f"method={method}".split(),
             f"trainer.max_steps={steps}",
             "trainer.eval_steps=100",
             "method.batch_size=5",
