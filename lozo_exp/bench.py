@@ -42,6 +42,7 @@ from torch import Tensor, nn
 
 from lozo_exp import cli
 from lozo_exp.config import ConfigError, RunConfig, validate
+from lozo_exp.methods.zo import LOZOMConfig
 from lozo_exp.models import load_model, load_tokenizer
 from lozo_exp.optim import LOZO, LOZOM, FastEngine, MeZO, ZeroOrderOptimizer, add_direction, kernels
 from lozo_exp.tracking import synchronize
@@ -96,6 +97,11 @@ def parse_shape(text: str) -> tuple[int, int]:
 def check(cfg: BenchRunConfig) -> None:
     """Reject bad bench settings in one paragraph, before the model is built."""
     validate(cfg)
+    if not isinstance(cfg.method, LOZOMConfig):
+        raise ConfigError(
+            f"the benchmark reads eps, rank, interval and beta from method=lozo-m (the default); "
+            f"got method={cfg.method.name}"
+        )
     bad = [s for s in cfg.bench.steps if s not in STEPS]
     if bad:
         raise ConfigError(f"bench.steps {bad} are not among: {', '.join(STEPS)}")

@@ -44,7 +44,11 @@ def test_cpu_bench_writes_the_documented_json(tmp_path, capsys):
 
 @pytest.mark.parametrize(
     "override, message",
-    [("bench.shapes=[32by64]", "BATCHxLENGTH"), ("bench.steps=[fwd,turbo]", "turbo")],
+    [
+        ("bench.shapes=[32by64]", "BATCHxLENGTH"),
+        ("bench.steps=[fwd,turbo]", "turbo"),
+        ("method=lozo", "reads eps, rank, interval and beta from method=lozo-m"),
+    ],
 )
 def test_bad_bench_settings_fail_before_the_model_is_built(tmp_path, override, message):
     with pytest.raises(ConfigError, match=message):
