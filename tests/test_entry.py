@@ -199,6 +199,8 @@ def _typed_nodes(schema: type, path: str = "") -> list[tuple[str, list[str]]]:
 @pytest.mark.parametrize("prefix", ["", "+"])
 @pytest.mark.parametrize("path, fields", _typed_nodes(RunConfig), ids=lambda x: str(x))
 def test_an_unknown_key_names_the_keys_its_node_accepts(path, fields, prefix):
+    if path == "method.":  # the default run's method, mezo, has a schema of its own
+        fields = [f.name for f in dataclasses.fields(type(cli.run_config([]).method))]
     with pytest.raises(ConfigError) as err:
         cli.run_config([f"{prefix}{path}bogus_key=1"])
     node = path.rstrip(".") or "the config"

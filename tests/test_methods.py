@@ -11,9 +11,9 @@ import pytest
 import torch
 from conftest import compose_config, read_metrics, run_overrides
 from hydra.core.config_store import ConfigStore
-from hydra.errors import ConfigCompositionException
 from transformers import get_constant_schedule_with_warmup, get_linear_schedule_with_warmup
 
+from lozo_exp.config import ConfigError
 from lozo_exp.methods import METHODS, lr_factor, register
 from lozo_exp.methods.zo import MeZOConfig, MeZOMethod
 from lozo_exp.runner import Runner
@@ -55,11 +55,12 @@ class ScaledMeZO(MeZOMethod):
 def scaled_mezo():
     """ScaledMeZO registered, and its schema as `method=scaled-mezo` (what its yaml would be)."""
     register(ScaledMeZO)
-    repo = ConfigStore.instance().repo["method"]
-    ConfigStore.instance().store(group="method", name="scaled-mezo", node=ScaledMeZOConfig)
+    store = ConfigStore.instance()
+    store.store(group="method", name="scaled-mezo", node=ScaledMeZOConfig)
     yield
     del METHODS["scaled-mezo"]
-    del repo["scaled-mezo.yaml"]
+    for name in ("scaled-mezo.yaml", "scaled-mezo_schema.yaml"):
+        store.repo["method"].pop(name, None)
 
 
 def test_a_new_method_is_a_registered_class_and_its_schema(run_dir, scaled_mezo):
@@ -74,7 +75,7 @@ def test_a_new_method_is_a_registered_class_and_its_schema(run_dir, scaled_mezo)
     assert results["status"] == "completed" and results["method_config"]["lr_scale"] == 0.25
     logged = [r for r in read_metrics(run_dir) if "loss" in r]
     assert [r["lr"] for r in logged] == [0.25e-6, 0.25e-6] and "projected_grad" in logged[0]
-    with pytest.raises(ConfigCompositionException, match=r"method\.rank"):
+    with pytest.raises(ConfigError, match=r"^method\.rank is not a key of method scaled-mezo; "):
         compose_config("method=scaled-mezo", "method.rank=2")
     with pytest.raises(ValueError, match="two methods are named 'scaled-mezo'"):
         register(ScaledMeZO)
