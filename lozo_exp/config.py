@@ -142,7 +142,7 @@ class RunConfig:
 
 
 def register_configs() -> None:
-    """Store the run schema and every method's schema (`method/<name>_schema`)."""
+    """Store the run schema and every method's schema (`<name>_schema`)."""
     from lozo_exp.methods import register_method_schemas
 
     ConfigStore.instance().store(name="run_schema", node=RunConfig)

@@ -3,7 +3,8 @@
 
 A method is one `Method` subclass with its config schema (see `base.py`), in a module of this
 package, plus `conf/method/<name>.yaml`, which starts from the schema (`defaults:
-[<name>_schema, _self_]`). Every module here is imported, so adding one registers its methods.
+[/<name>_schema@_here_, _self_]`). Every module here is imported, so adding one registers its
+methods.
 """
 
 from __future__ import annotations
@@ -24,10 +25,12 @@ __all__ = ["METHODS", "Method", "TrainingConfig", "build_method", "lr_factor", "
 
 
 def register_method_schemas() -> None:
-    """Store each method's schema as `method/<name>_schema` for its yaml to start from."""
+    """Store each method's schema as the root config `<name>_schema`, which its yaml starts
+    from (`defaults: [/<name>_schema@_here_, _self_]`); outside the `method` group, it is not
+    one of the group's options."""
     store = ConfigStore.instance()
     for name, method in METHODS.items():
-        store.store(group="method", name=f"{name}_schema", node=method.config)
+        store.store(name=f"{name}_schema", node=method.config)
 
 
 def build_method(run: RunConfig) -> Method:
