@@ -3,7 +3,6 @@ model and the optimizer and takes one training step. Methods are registered by n
 
 from __future__ import annotations
 
-from abc import ABC
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -59,7 +58,7 @@ def lr_factor(schedule: str, step: int, total_steps: int, warmup_steps: int = 0)
     return max(0.0, (total_steps - step) / max(1, total_steps - warmup_steps))
 
 
-class Method(ABC):
+class Method:
     """One method of a run: which parameters train, what updates them, and one step.
 
     Subclasses set `config` (their schema) and register with `@register`; an evaluation-only
