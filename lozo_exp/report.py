@@ -30,6 +30,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+import yaml
 from omegaconf import OmegaConf
 
 from lozo_exp.tracking import Progress
@@ -55,6 +56,7 @@ PAPER_COLUMNS = ["model", "k", "task", "method", "metric", "value", "std", "sett
                  "confidence"]
 PAPER_MEMORY_COLUMNS = ["model", "method", "memory_gb", "gpus", "note", "source", "confidence"]
 # fmt: on
+SELECTIONS = ("mean-dev", "per-seed")
 CONFIDENCE_RANK = {"high": 0, "medium": 1, "low-medium": 2, "low": 3}
 
 
@@ -110,23 +112,27 @@ def _json_lines(path: Path) -> list[dict[str, Any]]:
     return records
 
 
+def _yaml(path: Path) -> Any:
+    """A YAML file as Python objects (libyaml's parser when present: 10× faster than
+    OmegaConf.load, which matters for thousands of runs)."""
+    return yaml.load(path.read_text(), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
+
+
 def read_run(path: Path) -> Run | None:
     """The run in `path`, or None when its config is not a training run's (e.g. a benchmark)
     or cannot be read."""
     try:
-        cfg = OmegaConf.load(path / ".hydra" / "config.yaml")
+        tree = _yaml(path / ".hydra" / "config.yaml")
+        if "${" in json.dumps(tree, default=str):  # interpolations (e.g. the RoBERTa recipe's seed)
+            tree = OmegaConf.to_container(OmegaConf.create(tree), resolve=True)
     except Exception as err:  # a half-written or hand-edited file: say so, read the others
         log.warning("skipping %s: its .hydra/config.yaml cannot be read (%s)", path, err)
         return None
-    try:
-        tree = OmegaConf.to_container(cfg, resolve=True)
-    except Exception:  # an interpolation this process cannot resolve: keep it as written
-        tree = OmegaConf.to_container(cfg, resolve=False)
-    config = flatten(tree)
+    config = flatten(tree) if isinstance(tree, dict) else {}
     if not all(k in config for k in ("model.name", "task.name", "method.name")):
         return None
     overrides_file = path / ".hydra" / "overrides.yaml"
-    overrides = [str(o) for o in OmegaConf.load(overrides_file)] if overrides_file.is_file() else []
+    overrides = [str(o) for o in _yaml(overrides_file) or []] if overrides_file.is_file() else []
     results_file = path / "results.json"
     results = json.loads(results_file.read_text()) if results_file.is_file() else {}
     return Run(path, config, overrides, results, _json_lines(path / "metrics.jsonl"))
@@ -209,12 +215,13 @@ def run_row(run: Run) -> dict[str, Any]:
     return row
 
 
-def hyperparameter_keys(configs: pd.DataFrame, cells: pd.DataFrame) -> list[str]:
+def hyperparameter_keys(runs: Sequence[Run], cells: pd.DataFrame) -> list[str]:
     """Config keys that vary within a cell (model, k, task, method) or were set on the command
     line: the settings a sweep compares. Seeds and the keys naming the cell are left out."""
-    keys = {k for keys in cells.pop("override_keys") for k in keys if k in configs}
+    configs = pd.DataFrame([r.config for r in runs])
+    keys = {k for r in runs for k in r.override_keys if k in configs}
     for _, idx in cells.astype(str).groupby(CELL).groups.items():
-        group = configs.loc[idx].astype(str)
+        group = configs.loc[idx].astype(str)  # a key absent from some runs reads "nan"
         keys.update(group.columns[group.nunique() > 1])
     skip = (*SEED_KEYS, *NOT_HYPERPARAMETERS)
     return sorted(k for k in keys if k not in skip and not k.startswith(BOOKKEEPING_PREFIXES))
@@ -223,10 +230,10 @@ def hyperparameter_keys(configs: pd.DataFrame, cells: pd.DataFrame) -> list[str]
 def runs_frame(runs: Sequence[Run]) -> tuple[pd.DataFrame, list[str]]:
     """The runs as one DataFrame (one row per run) and its hyperparameter columns."""
     frame = pd.DataFrame([run_row(r) for r in runs])
-    configs = pd.DataFrame([r.config for r in runs])
-    cells = frame[CELL].assign(override_keys=[r.override_keys for r in runs])
-    keys = hyperparameter_keys(configs, cells)
-    frame = pd.concat([frame, configs[keys]], axis=1)
+    keys = hyperparameter_keys(runs, frame[CELL])
+    frame = pd.concat(
+        [frame, pd.DataFrame([[r.config.get(k) for k in keys] for r in runs], columns=keys)], axis=1
+    )
     for column in ("seed", "data_seed", "train_set_seed", "k", "steps", "best_step"):
         frame[column] = pd.to_numeric(frame[column]).astype("Int64")
     first = ["run_dir", *CELL, "family", *keys, "seed", "data_seed", "train_set_seed", "status"]
@@ -587,6 +594,10 @@ def report(
     smooth: int = 0,
 ) -> pd.DataFrame:
     """Read the runs under `paths`; write runs.csv, the tables, the memory table and figures."""
+    if select not in SELECTIONS:
+        raise ReportError(f"select={select!r} is not one of {', '.join(SELECTIONS)}")
+    if smooth < 0:
+        raise ReportError(f"--smooth {smooth}: give a window of logged points >= 1 (0: auto)")
     try:  # matplotlib is an optional extra: say so before any work
         from lozo_exp import figures
     except ImportError as err:
@@ -625,7 +636,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     )
     parser.add_argument(
         "--select",
-        choices=("mean-dev", "per-seed"),
+        choices=SELECTIONS,
         default="mean-dev",
         help="one setting per cell by mean dev over seeds (default), or the "
         "best setting of each seed (LM-BFF's gather_result.py)",

@@ -334,3 +334,32 @@ def test_a_real_sweep_end_to_end(tmp_path):
         assert c.loc[("tiny-opt", "sst2", method), "std"] == approx(np.std(tests))
     for name in FIGURES:
         assert (out / f"{name}.png").read_bytes()[:8] == PNG_SIGNATURE
+
+
+def test_the_papers_numbers_use_the_suites_names():
+    """reported.csv joins on the suite's model/task/method names; one value per cell and source."""
+    paper, memory = report.read_paper(report.PAPER_DIR)
+    names = {g: {p.stem for p in (CONF / g).glob("*.yaml")} for g in ("model", "task", "method")}
+    not_in_suite = {"lp", "mezo-prefix", "ft-prefix", "mezo-m", "mezo-adam"}
+    assert set(paper["model"]) <= names["model"] and set(paper["task"]) <= names["task"]
+    assert set(paper["method"]) <= names["method"] | not_in_suite
+    assert set(memory["model"].dropna()) <= names["model"]
+    assert set(memory["method"]) <= names["method"] | not_in_suite
+    key = ["model", "k", "task", "method", "metric", "setting", "source"]
+    assert not paper.duplicated(key).any()
+    accuracy = paper[paper["metric"] != "train_loss"]
+    assert accuracy["value"].between(0, 100).all() and paper["value"].notna().all()
+    assert set(paper["confidence"]) | set(memory["confidence"]) <= set(report.CONFIDENCE_RANK)
+    assert set(paper["k"].dropna()) == {16, 512, 1000}
+    table1 = paper[paper["source"] == "MeZO paper (arXiv 2305.17333) Table 1"]
+    assert len(table1) == 7 * 11  # 7 methods × 11 tasks, no blanks
+    opt66 = paper[(paper["model"] == "opt-66b") & (paper["method"] == "mezo")]
+    assert "squad" not in set(opt66["task"])  # not found in the source: absent, not invented
+
+
+def test_each_method_keeps_one_colour():
+    from lozo_exp.figures import method_color
+
+    colours = [method_color(m) for m in report.METHOD_ORDER]
+    assert len(set(colours)) == len(colours)
+    assert method_color("mezo-adam") == method_color("mezo-adam") not in colours
