@@ -143,12 +143,28 @@ def memory(table: pd.DataFrame) -> Figure:
         ax.bar(pos, rows["peak_gib"], width, color=color, label=method)
         for where, note in zip(pos, rows["note"], strict=True):
             if isinstance(note, str):
-                ax.text(where, 0.02, note, transform=ax.get_xaxis_transform(), rotation=90,
-                        ha="center", va="bottom", fontsize="x-small")  # fmt: skip
+                ax.text(
+                    where,
+                    0.02,
+                    note,
+                    transform=ax.get_xaxis_transform(),
+                    rotation=90,
+                    ha="center",
+                    va="bottom",
+                    fontsize="x-small",
+                )
         if per_method == 2:
             label = "paper (hatched)" if i == 0 else None
-            ax.bar(pos + width, rows["paper_gb"], width, color=color, alpha=0.4, hatch="//",
-                   edgecolor="black", label=label)  # fmt: skip
+            ax.bar(
+                pos + width,
+                rows["paper_gb"],
+                width,
+                color=color,
+                alpha=0.4,
+                hatch="//",
+                edgecolor="black",
+                label=label,
+            )
     heights = pd.concat([shown["peak_gib"], shown["paper_gb"]]).astype(float).dropna()
     if len(heights) and heights.max() > 30 * heights[heights > 0].min():
         ax.set_yscale("log")

@@ -23,7 +23,6 @@ from omegaconf import DictConfig, OmegaConf
 from lozo_exp import report
 from lozo_exp.figures import FIGURES
 
-ROOT = Path(__file__).resolve().parents[1]
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
@@ -99,16 +98,25 @@ def opt(task: str, method: str, lr: float, seed: int = 0) -> list[str]:
 
 
 def roberta(task: str, lr: float, data_seed: int) -> list[str]:
-    return ["model=roberta-large", f"task={task}", "method=mezo", f"method.lr={lr}",
-            f"task.data_seed={data_seed}"]  # fmt: skip
+    return [
+        "model=roberta-large",
+        f"task={task}",
+        "method=mezo",
+        f"method.lr={lr}",
+        f"task.data_seed={data_seed}",
+    ]
 
 
 # RoBERTa SST-2, MeZO: (lr, data seed) -> (dev, test). lr 1e-6 has the best mean dev (0.85 vs
 # 0.8167), but lr 1e-7 has the best dev on seed 13.
 ROBERTA_SST2 = {
-    (1e-6, 13): (0.90, 0.91), (1e-6, 21): (0.80, 0.88), (1e-6, 42): (0.85, 0.90),
-    (1e-7, 13): (0.95, 0.80), (1e-7, 21): (0.70, 0.70), (1e-7, 42): (0.80, 0.75),
-}  # fmt: skip
+    (1e-6, 13): (0.90, 0.91),
+    (1e-6, 21): (0.80, 0.88),
+    (1e-6, 42): (0.85, 0.90),
+    (1e-7, 13): (0.95, 0.80),
+    (1e-7, 21): (0.70, 0.70),
+    (1e-7, 42): (0.80, 0.75),
+}
 
 
 @pytest.fixture(scope="module")
@@ -124,18 +132,38 @@ def sweep(tmp_path_factory) -> Path:
     write_run(root, "o6", opt("rte", "mezo", 1e-6), dev=0.60, tests={"test": 0.62})
     write_run(root, "o6b", opt("rte", "mezo", 1e-6), dev=0.60, tests={"test": 0.64})  # re-run
     write_run(root, "o7", opt("rte", "mezo", 1e-7), status="failed")
-    write_run(root, "o8", ["model=opt-13b", "task=sst2", "method=zero-shot"], dev=0.55,
-              tests={"test": 0.58}, losses=())  # fmt: skip
+    write_run(
+        root,
+        "o8",
+        ["model=opt-13b", "task=sst2", "method=zero-shot"],
+        dev=0.55,
+        tests={"test": 0.58},
+        losses=(),
+    )
     for (lr, seed), (dev, test) in ROBERTA_SST2.items():
-        write_run(root, f"r-sst2-{lr}-{seed}", roberta("sst2", lr, seed), dev=dev,
-                  tests={"test": test})  # fmt: skip
-    for seed, dev, matched, mismatched in [(13, 0.6, 0.60, 0.62), (21, 0.5, 0.56, 0.58),
-                                           (42, 0.55, 0.58, 0.61)]:  # fmt: skip
-        write_run(root, f"r-mnli-a-{seed}", roberta("mnli", 1e-6, seed), dev=dev,
-                  tests={"test_matched": matched, "test_mismatched": mismatched})  # fmt: skip
+        write_run(
+            root, f"r-sst2-{lr}-{seed}", roberta("sst2", lr, seed), dev=dev, tests={"test": test}
+        )
+    for seed, dev, matched, mismatched in [
+        (13, 0.6, 0.60, 0.62),
+        (21, 0.5, 0.56, 0.58),
+        (42, 0.55, 0.58, 0.61),
+    ]:
+        write_run(
+            root,
+            f"r-mnli-a-{seed}",
+            roberta("mnli", 1e-6, seed),
+            dev=dev,
+            tests={"test_matched": matched, "test_mismatched": mismatched},
+        )
     for seed in (13, 21):  # better mean dev, but seed 42 is missing: not chosen
-        write_run(root, f"r-mnli-b-{seed}", roberta("mnli", 1e-7, seed), dev=0.99,
-                  tests={"test_matched": 0.1, "test_mismatched": 0.1})  # fmt: skip
+        write_run(
+            root,
+            f"r-mnli-b-{seed}",
+            roberta("mnli", 1e-7, seed),
+            dev=0.99,
+            tests={"test_matched": 0.1, "test_mismatched": 0.1},
+        )
     # RTE: each lr has one seed, so no setting is complete: the best is taken, marked partial.
     write_run(root, "r-rte-a", roberta("rte", 1e-6, 13), dev=0.7, tests={"test": 0.7})
     write_run(root, "r-rte-b", roberta("rte", 1e-7, 21), dev=0.6, tests={"test": 0.6})
@@ -219,9 +247,24 @@ def test_tables_show_paper_numbers_differences_and_holes(out):
 def test_runs_csv_has_one_row_per_run_with_settings_seeds_and_metrics(out, sweep):
     runs = pd.read_csv(out / "runs.csv")
     assert len(runs) == len([p for p in sweep.iterdir() if p.is_dir()]) == 22
-    for column in ["model", "k", "task", "method", "method.lr", "seed", "data_seed",
-                   "train_set_seed", "status", "dev", "test", "test_matched_accuracy",
-                   "test_mismatched_accuracy", "steps", "wall_time_s", "peak_mem_mb"]:  # fmt: skip
+    for column in [
+        "model",
+        "k",
+        "task",
+        "method",
+        "method.lr",
+        "seed",
+        "data_seed",
+        "train_set_seed",
+        "status",
+        "dev",
+        "test",
+        "test_matched_accuracy",
+        "test_mismatched_accuracy",
+        "steps",
+        "wall_time_s",
+        "peak_mem_mb",
+    ]:
         assert column in runs.columns, column
     assert "task.data_seed" not in runs.columns and "logger.wandb" not in runs.columns
     assert runs["status"].value_counts().to_dict() == {
@@ -256,8 +299,14 @@ def test_memory_table_says_when_a_model_does_not_fit(tmp_path):
     )
     overrides = ["+experiment=memory"]
     runs = tmp_path / "runs"
-    write_run(runs, "a", ["model=opt-13b", "method=mezo"], dev=0.5, tests={"test": 0.5},
-              peak_mem_mb=25 * 1024)  # fmt: skip
+    write_run(
+        runs,
+        "a",
+        ["model=opt-13b", "method=mezo"],
+        dev=0.5,
+        tests={"test": 0.5},
+        peak_mem_mb=25 * 1024,
+    )
     write_run(runs, "b", ["model=opt-13b", "method=ft"], status="failed", error=oom)
     for d in ("a", "b"):  # as the memory preset's runs
         path = runs / d / ".hydra" / "overrides.yaml"
@@ -332,6 +381,8 @@ def test_a_real_sweep_end_to_end(tmp_path):
         tests = [100 * results[(method, s)]["test"]["accuracy"] for s in (0, 1)]
         assert c.loc[("tiny-opt", "sst2", method), "value"] == approx(np.mean(tests))
         assert c.loc[("tiny-opt", "sst2", method), "std"] == approx(np.std(tests))
+    assert "## tiny-opt, k=32 (training examples)" in (out / "table.md").read_text()
+    assert (out / "table.tex").is_file() and (out / "table.csv").is_file()
     for name in FIGURES:
         assert (out / f"{name}.png").read_bytes()[:8] == PNG_SIGNATURE
 
