@@ -1,5 +1,5 @@
-"""`python -m lozo_exp.report RUN_DIR... --out DIR`: a directory of runs in, the paper's tables
-and figures out.
+"""`lozo-exp report RUN_DIR... --out DIR`: a directory of runs in, the paper's tables and figures
+out.
 
 A run is a directory holding `.hydra/config.yaml` and the runner's `results.json` and/or
 `metrics.jsonl` (without results.json it is still running, was killed, or stopped before
@@ -21,7 +21,6 @@ import argparse
 import json
 import logging
 import math
-import sys
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -33,11 +32,12 @@ import pandas as pd
 import yaml
 from omegaconf import OmegaConf
 
+from lozo_exp import cli
+from lozo_exp.config import ConfigError
 from lozo_exp.tracking import Progress
 
 log = logging.getLogger("lozo_exp.report")
 
-PAPER_DIR = Path(__file__).resolve().parents[1] / "results" / "paper"
 SCALE = 100.0  # metrics are fractions; tables show points, like the papers
 CELL = ["model", "k", "task", "method"]
 SEED_KEYS = ("seed", "task.data_seed", "task.train_set_seed")
@@ -60,8 +60,18 @@ SELECTIONS = ("mean-dev", "per-seed")
 CONFIDENCE_RANK = {"high": 0, "medium": 1, "low-medium": 2, "low": 3}
 
 
-class ReportError(ValueError):
+class ReportError(ConfigError):
     """Bad input to the report, said in one paragraph."""
+
+
+def paper_dir() -> Path:
+    """The papers' numbers: inside an installed package (`lozo_exp/paper`), else the checkout's
+    `results/paper/`."""
+    package = Path(__file__).resolve().parent
+    for candidate in (package / "paper", package.parent / "results" / "paper"):
+        if (candidate / "reported.csv").is_file():
+            return candidate
+    return package.parent / "results" / "paper"  # read_paper says it is missing
 
 
 # ----------------------------------------------------------------------------- reading runs
@@ -589,7 +599,7 @@ def write_memory(memory: pd.DataFrame, out: Path) -> None:
 def report(
     paths: Sequence[Path],
     out: Path,
-    paper_dir: Path = PAPER_DIR,
+    paper: Path | None = None,
     select: str = "mean-dev",
     smooth: int = 0,
 ) -> pd.DataFrame:
@@ -611,9 +621,9 @@ def report(
     log.info("%d runs; hyperparameters: %s", len(frame), ", ".join(keys) or "none varied")
     out.mkdir(parents=True, exist_ok=True)
     frame.to_csv(out / "runs.csv", index=False)
-    paper, paper_memory = read_paper(paper_dir)
+    paper_numbers, paper_memory = read_paper(paper or paper_dir())
     cells = select_cells(frame, keys, select)
-    join_paper(cells, paper)
+    join_paper(cells, paper_numbers)
     write_tables(cells, out)
     memory = memory_frame(frame, paper_memory, all(is_memory_run(r) for r in runs))
     write_memory(memory, out)
@@ -623,7 +633,7 @@ def report(
 
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
-        prog="python -m lozo_exp.report",
+        prog="lozo-exp report",
         description="Turn run directories into runs.csv, the paper's tables and figures.",
     )
     parser.add_argument("runs", nargs="+", type=Path, help="directories holding runs")
@@ -631,8 +641,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument(
         "--paper",
         type=Path,
-        default=PAPER_DIR,
-        help="the papers' numbers (reported.csv, reported-memory.csv)",
+        default=None,
+        help="the papers' numbers (reported.csv, reported-memory.csv); default: results/paper",
     )
     parser.add_argument(
         "--select",
@@ -648,13 +658,13 @@ def main(argv: Sequence[str] | None = None) -> None:
         help="loss curves: moving average over this many logged points "
         "(default: a twentieth of the curve)",
     )
+    parser.add_argument("--verbose", action="store_true", help="debug logs")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(name)s] %(message)s")
+    cli.start(args.verbose)
     try:
         report(args.runs, args.out, args.paper, args.select, args.smooth)
     except ReportError as err:
-        print(f"\nlozo-exp report: {err}", file=sys.stderr)
-        sys.exit(1)
+        cli.fail(err)
     print(
         f"Report in {args.out}: runs.csv, cells.csv, table.md/.csv/.tex, memory.md/.csv, "
         f"loss_curves, memory, accuracy and step_time (.png and .pdf)"

@@ -50,11 +50,11 @@ def test_the_wheel_ships_every_module_and_data_file():
         for pattern in setuptools["package-data"].get(package, []):
             shipped |= set(folder.glob(pattern))
     tracked = subprocess.run(
-        ["git", "ls-files", *PACKAGES, "conf"], cwd=ROOT, capture_output=True, text=True
+        ["git", "ls-files", *PACKAGES, *mapped.values()], cwd=ROOT, capture_output=True, text=True
     ).stdout.split()
     assert {ROOT / f for f in tracked} <= {p for p in shipped if p.is_file()}
     inits = [p.parent.relative_to(ROOT) for d in PACKAGES for p in (ROOT / d).rglob("__init__.py")]
-    assert {".".join(p.parts) for p in inits} == set(setuptools["packages"]) - {"lozo_exp.conf"}
+    assert {".".join(p.parts) for p in inits} == set(setuptools["packages"]) - set(mapped)
     assert tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"] == {
         "lozo-exp": "lozo_exp.__main__:main"
     }

@@ -7,6 +7,7 @@ import functools
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -17,10 +18,9 @@ import pandas as pd
 import pytest
 import yaml
 from conftest import CONF
-from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, OmegaConf
 
-from lozo_exp import report
+from lozo_exp import cli, report
 from lozo_exp.figures import FIGURES
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -34,8 +34,7 @@ def approx(x: float) -> object:
 @functools.cache
 def composed(*groups: str) -> DictConfig:
     """The config Hydra composes for these group choices, interpolations kept (as it saves it)."""
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        return compose(config_name="config", overrides=list(groups))
+    return cli.compose("config", groups)
 
 
 def write_run(
@@ -324,9 +323,10 @@ def test_a_single_run_is_a_report(tmp_path):
     assert all((tmp_path / "out" / f"{n}.png").is_file() for n in FIGURES)
 
 
-def cli(*args: str | Path) -> subprocess.CompletedProcess:
+def lozo_exp_report(*args: str | Path) -> subprocess.CompletedProcess:
+    """`lozo-exp report ARGS` in a fresh process."""
     return subprocess.run(
-        [sys.executable, "-m", "lozo_exp.report", *map(str, args)],
+        [sys.executable, "-m", "lozo_exp", "report", *map(str, args)],
         capture_output=True,
         text=True,
         timeout=600,
@@ -334,15 +334,14 @@ def cli(*args: str | Path) -> subprocess.CompletedProcess:
     )
 
 
-def test_no_runs_and_missing_paths_are_one_clear_error(tmp_path, capsys):
+def test_no_runs_and_missing_paths_are_one_clear_error(tmp_path):
     (tmp_path / "empty").mkdir()
-    done = cli(tmp_path / "empty", "--out", tmp_path / "out")
+    done = lozo_exp_report(tmp_path / "empty", "--out", tmp_path / "out")
     assert done.returncode == 1 and "Traceback" not in done.stderr
-    assert "found no runs under" in done.stderr and ".hydra/config.yaml" in done.stderr
-    with pytest.raises(SystemExit) as exit_:
-        report.main([str(tmp_path / "nowhere"), "--out", str(tmp_path / "out")])
-    assert exit_.value.code == 1
-    assert f"{tmp_path / 'nowhere'} does not exist" in capsys.readouterr().err
+    assert "lozo-exp: found no runs under" in done.stderr and ".hydra/config.yaml" in done.stderr
+    missing = re.escape(f"{tmp_path / 'nowhere'} does not exist: ")
+    with pytest.raises(report.ReportError, match=missing):
+        report.report([tmp_path / "empty", tmp_path / "nowhere"], tmp_path / "out")
     assert not (tmp_path / "out").exists()
 
 
@@ -367,7 +366,7 @@ def test_a_real_sweep_end_to_end(tmp_path):
         env={**os.environ, "HF_HUB_OFFLINE": "1"},
     )
     assert sweep.returncode == 0, sweep.stderr
-    done = cli(tmp_path / "multirun", "--out", tmp_path / "report")
+    done = lozo_exp_report(tmp_path / "multirun", "--out", tmp_path / "report")
     assert done.returncode == 0, done.stderr
     out = tmp_path / "report"
     runs = pd.read_csv(out / "runs.csv")
@@ -389,7 +388,7 @@ def test_a_real_sweep_end_to_end(tmp_path):
 
 def test_the_papers_numbers_use_the_suites_names():
     """reported.csv joins on the suite's model/task/method names; one value per cell and source."""
-    paper, memory = report.read_paper(report.PAPER_DIR)
+    paper, memory = report.read_paper(report.paper_dir())
     names = {g: {p.stem for p in (CONF / g).glob("*.yaml")} for g in ("model", "task", "method")}
     not_in_suite = {"lp", "mezo-prefix", "ft-prefix", "mezo-m", "mezo-adam"}
     assert set(paper["model"]) <= names["model"] and set(paper["task"]) <= names["task"]
