@@ -1,15 +1,17 @@
-"""Causal-LM adapter (OPT): options scored by their log-probability after the context, answers
-generated greedily, as in the published MeZO/LOZO OPT code but batched.
+"""Causal-LM adapter (OPT, Llama, ...): options scored by their log-probability after the
+context, answers generated greedily, as in the published MeZO/LOZO OPT code but batched.
 
-Sequences are left-truncated to `model.max_length` keeping BOS and left-padded, so every
-option ends at the last position and only the last `max option length + 1` logits are
-computed (`logits_to_keep`), which keeps the vocabulary projection small. Generation runs
-`model.generate` on the left-padded batch (greedy, KV cache, at most 50 new tokens, stopping at a
-newline or EOS); prompts leave room for those 50 tokens.
+Sequences are left-truncated to `model.max_length`, keeping the special tokens the tokenizer
+puts before the text (OPT's BOS; none for Llama-style tokenizers such as SmolLM2's), and
+left-padded, so every option ends at the last position and only the last
+`max option length + 1` logits are computed (`logits_to_keep`), which keeps the vocabulary
+projection small. Generation runs `model.generate` on the left-padded batch (greedy, KV cache, at
+most 50 new tokens, stopping at a newline or EOS); prompts leave room for those 50 tokens.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 from dataclasses import replace
 
@@ -69,12 +71,21 @@ class CausalLMAdapter(Adapter):
         return replace(p, context=context)
 
     # -- encoding ---------------------------------------------------------------------------
+    @functools.cached_property
+    def _prefix(self) -> int:
+        """How many special tokens the tokenizer puts before the text (OPT: BOS; Llama-style
+        tokenizers may put none)."""
+        plain = self.tokenizer("a", add_special_tokens=False)["input_ids"]
+        full = self.tokenizer("a")["input_ids"]
+        return next((i for i in range(len(full)) if full[i : i + len(plain)] == plain), 0)
+
     def _truncate(self, ids: list[int], limit: int) -> list[int]:
-        """Left-truncate to `limit` tokens, keeping the first (BOS)."""
-        return ids if len(ids) <= limit else ids[:1] + ids[len(ids) - limit + 1 :]
+        """Left-truncate to `limit` tokens, keeping the special tokens before the text."""
+        keep = self._prefix
+        return ids if len(ids) <= limit else ids[:keep] + ids[len(ids) - limit + keep :]
 
     def _encode(self, prompted: Prompted, options: tuple[str, ...]) -> list[tuple[list[int], int]]:
-        """Token ids of context + each option (left-truncated, BOS kept) and option lengths.
+        """Token ids of context + each option (left-truncated, prefix kept) and option lengths.
         A generation task's sequences leave room for an answer, as its prompts do (published)."""
         context, *full = self.tokenizer(
             [prompted.context, *(prompted.context + o for o in options)]

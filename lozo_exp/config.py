@@ -30,8 +30,14 @@ class ConfigError(ValueError):
 @dataclass
 class ModelConfig:
     name: str = MISSING
-    hub_id: str | None = None  # checkpoint on the hub or a local directory; None: tiny models
-    family: str = MISSING  # "causal" (OPT) or "masked" (RoBERTa): selects the adapter
+    # A hub checkpoint, a local checkpoint directory, or pkg://<module> (an installed package's
+    # directory); None: the tiny models (stand-in tokenizer, `arch`).
+    hub_id: str | None = None
+    # A GGUF file in hub_id's directory, converted once into a checkpoint (lozo_exp.models).
+    gguf_file: str | None = None
+    # "causal" (OPT, Llama, ...) or "masked" (RoBERTa, BERT, ...): selects the adapter; None:
+    # read from the checkpoint's config.
+    family: str | None = None
     dtype: str = "float32"
     random_init: bool = False  # build from the architecture config with random weights
     # Architecture used when the hub config cannot be read offline (and by the tiny models).

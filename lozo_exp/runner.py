@@ -25,7 +25,7 @@ from lozo_exp.adapter import Adapter, adapter_class, load_task
 from lozo_exp.config import RunConfig, validate
 from lozo_exp.data import Row, Splits
 from lozo_exp.methods import Method, build_method
-from lozo_exp.models import load_model, load_tokenizer
+from lozo_exp.models import dtype_on, load_model, load_tokenizer, resolve_model
 from lozo_exp.outputs import check_output_dir
 from lozo_exp.tracking import (
     MetricsLog,
@@ -102,6 +102,7 @@ class Runner:
 
     def __init__(self, cfg: RunConfig, out_dir: Path):
         self.start = time.perf_counter()
+        cfg.model = resolve_model(cfg.model)  # the checkpoint is there; its family is known
         validate(cfg)
         require_wandb(cfg.logger)
         check_output_dir(out_dir)
@@ -123,6 +124,7 @@ class Runner:
         # Everything expensive starts here.
         torch.manual_seed(cfg.seed)
         self.device = resolve_device(cfg.trainer.device)
+        cfg.model.dtype = dtype_on(self.device, cfg.model.dtype)
         model = load_model(cfg.model, tokenizer).to(self.device)
         model = self.method.prepare_model(model)
         self.adapter = adapter_cls(model, tokenizer, task, cfg.model)

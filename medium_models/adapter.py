@@ -1,4 +1,4 @@
-"""Masked-LM adapter (RoBERTa): the label is read from the MLM head at the <mask> position.
+"""Masked-LM adapter (RoBERTa, BERT, ...): the label is read from the MLM head at <mask>.
 
 Only the hidden state at <mask> goes through the LM head (as LM-BFF does), and the logits are
 restricted to the label words; the loss is cross-entropy over them.
@@ -8,13 +8,32 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from lozo_exp.adapter import Adapter, Batch
-from lozo_exp.config import ModelConfig, TaskConfig
+from lozo_exp.config import ConfigError, ModelConfig, TaskConfig
 from lozo_exp.data import Row, Splits
 from medium_models.kshot import kshot_splits
 from medium_models.tasks.base import PromptTask
 from medium_models.template import encode_template, label_word_ids
+
+
+def mlm_head(net: nn.Module, encoder: nn.Module) -> nn.Module:
+    """The MLM head: the model's one submodule besides the encoder that holds its output
+    embeddings (RoBERTa's `lm_head`, BERT's `cls`), mapping hidden states to vocabulary logits."""
+    out = net.get_output_embeddings()
+    heads = [
+        m
+        for m in net.children()
+        if m is not encoder and m is not out and any(s is out for s in m.modules())
+    ]
+    if len(heads) != 1:
+        raise ConfigError(
+            f"{type(net).__name__}: its masked-LM head is not one submodule holding the output "
+            f"embeddings next to the encoder (as RoBERTa's lm_head or BERT's cls), so the "
+            f"label words cannot be read at <mask>; use a RoBERTa- or BERT-style masked LM."
+        )
+    return heads[0]
 
 
 class MaskedLMAdapter(Adapter):
@@ -29,7 +48,7 @@ class MaskedLMAdapter(Adapter):
         self.word_ids = torch.tensor(list(words.values()), device=self.device)
         net = model.get_base_model() if hasattr(model, "get_base_model") else model
         self.encoder = getattr(net, net.base_model_prefix)
-        self.lm_head = net.lm_head
+        self.lm_head = mlm_head(net, self.encoder)
 
     @staticmethod
     def build_splits(task: PromptTask, cfg: TaskConfig) -> Splits:
