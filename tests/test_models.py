@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import json
 import logging
 from pathlib import Path
 
@@ -290,3 +291,23 @@ def test_fast_engine_equals_plain_on_llama_and_bert_in_float64(cls, placement, a
     for a, b in zip(wf, wp, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
     assert any(not torch.equal(a, b) for a, b in zip(wp, model.parameters(), strict=True))
+
+
+# -- the demo command -----------------------------------------------------------------------------
+@pytest.mark.slow
+def test_demo_prints_before_and_after_and_reports(tmp_path, capsys):
+    """`lozo-exp demo` on a tiny model: zero-shot and LOZO runs, their table, the report."""
+    from lozo_exp import demo
+
+    demo.main(["--model", "tiny-opt", "--out", str(tmp_path), *FAST])
+    printed = capsys.readouterr().out
+    runs = {m: tmp_path / m for m in ("zero-shot", "lozo")}
+    table = demo.summary(runs)
+    for method, run_dir in runs.items():
+        results = json.loads((run_dir / "results.json").read_text())
+        assert table.loc[method, "test accuracy"] == results["test"]["accuracy"]
+        assert table.loc[method, "steps"] == results["steps"] == (4 if method == "lozo" else 0)
+    curves = demo.loss_curves(runs)
+    assert list(curves.columns) == ["lozo"] and list(curves.index) == [2, 4]
+    assert "zero-shot" in printed and "Training loss" in printed
+    assert (tmp_path / "report" / "loss_curves.png").is_file()
