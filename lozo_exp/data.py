@@ -28,6 +28,9 @@ class Splits:
     train: list[Row]
     dev: list[Row]
     test: dict[str, list[Row]] = field(default_factory=dict)  # name -> rows (MNLI has two)
+    # The whole training split train and dev were drawn from (ICL's demonstration pool, as
+    # published); empty when the family draws its splits otherwise.
+    train_source: list[Row] = field(default_factory=list)
 
 
 def _read_file(path: str | Path) -> list[Row]:
@@ -81,11 +84,6 @@ def _load_hub(cfg: TaskConfig, split: str) -> list[Row]:
     return ds.to_list()
 
 
-def _warn_short(what: str, got: int, wanted: int) -> None:
-    if got < wanted:
-        log.warning("%s: asked for %d examples, the source has only %d", what, wanted, got)
-
-
 def _seeded_subset(rows: list[Row], seed: int, num: int) -> list[Row]:
     """The first `num` rows of a permutation drawn by NumPy's legacy generator seeded with
     `seed`: the published `sample_subset`, so the same seed picks the same examples."""
@@ -94,18 +92,47 @@ def _seeded_subset(rows: list[Row], seed: int, num: int) -> list[Row]:
 
 
 def sample_opt_protocol(cfg: TaskConfig, train: list[Row], evaluation: list[Row]) -> Splits:
-    """MeZO/LOZO's OPT protocol: with seed `train_set_seed`, a permutation of the train split
-    gives num_train + num_dev examples (dev = the last num_dev, so CB's 250 rows give 150 train
-    and 100 dev), and a permutation of the validation split gives the num_eval test examples.
-    Fewer rows than asked for give a warning, not a crash; dev then takes at most half."""
-    seed = cfg.train_set_seed
-    picked = _seeded_subset(train, seed, cfg.num_train + cfg.num_dev)
-    _warn_short(f"{cfg.name} train+dev", len(picked), cfg.num_train + cfg.num_dev)
-    num_dev = min(cfg.num_dev, len(picked) // 2)
-    evaluation = _seeded_subset(evaluation, seed, cfg.num_eval)
-    _warn_short(f"{cfg.name} eval", len(evaluation), cfg.num_eval)
-    return Splits(
+    """MeZO/LOZO's OPT protocol (`run.py`, `tasks.py`): with seed `train_set_seed`, a
+    permutation of the train split gives num_train + num_dev examples, of which the last num_dev
+    are dev and the rest train (`train_samples[-num_dev:]`, `[:-num_dev]`), and a permutation of
+    the validation split gives the num_eval test examples. A source smaller than num_train +
+    num_dev keeps dev whole and shortens train, as published: CB's 250 rows give 150 train and
+    100 dev, WSC's 554 give 54 and 500; one of at most num_dev rows is all dev, no train."""
+    seed, wanted = cfg.train_set_seed, cfg.num_train + cfg.num_dev
+    picked = _seeded_subset(train, seed, wanted)
+    num_dev = min(cfg.num_dev, len(picked))
+    splits = Splits(
         train=picked[: len(picked) - num_dev],
         dev=picked[len(picked) - num_dev :],
-        test={"test": evaluation},
+        test={"test": _seeded_subset(evaluation, seed, cfg.num_eval)},
+        train_source=train,
     )
+    if len(picked) < wanted:
+        log.warning(
+            "%s: the training split has %d rows, fewer than num_train + num_dev = %d: dev gets "
+            "%d, train the other %d (as published: dev is the last num_dev sampled rows)",
+            cfg.name,
+            len(train),
+            wanted,
+            num_dev,
+            len(splits.train),
+        )
+    if len(splits.test["test"]) < cfg.num_eval:
+        log.warning(
+            "%s: asked for %d test examples, the validation split has only %d",
+            cfg.name,
+            cfg.num_eval,
+            len(evaluation),
+        )
+    log.info(
+        "%s: %d train + %d dev sampled from %d training rows, %d test from %d validation rows "
+        "(train_set_seed %d)",
+        cfg.name,
+        len(splits.train),
+        len(splits.dev),
+        len(train),
+        len(splits.test["test"]),
+        len(evaluation),
+        seed,
+    )
+    return splits

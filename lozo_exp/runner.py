@@ -22,9 +22,9 @@ import torch
 from torch import nn
 
 from lozo_exp.adapter import Adapter, adapter_class, load_task
-from lozo_exp.config import RunConfig, validate
+from lozo_exp.config import ConfigError, RunConfig, validate
 from lozo_exp.data import Row, Splits
-from lozo_exp.methods import Method, build_method
+from lozo_exp.methods import METHODS, Method, build_method
 from lozo_exp.models import dtype_on, load_model, load_tokenizer, resolve_model
 from lozo_exp.outputs import check_output_dir
 from lozo_exp.tracking import (
@@ -118,6 +118,14 @@ class Runner:
             ", ".join(f"{k} {len(v)}" for k, v in self.splits.test.items()),
         )
         self.method = build_method(cfg)
+        if self.method.trains and not self.splits.train:
+            evaluation_only = ", ".join(n for n, m in METHODS.items() if not m.trains)
+            raise ConfigError(
+                f"task {cfg.task.name} has no training examples: all {len(self.splits.dev)} "
+                f"sampled rows went to dev (task.num_dev={cfg.task.num_dev}; dev is the last "
+                f"num_dev sampled rows, as published). Set task.num_dev below the training "
+                f"split's size, or use an evaluation-only method ({evaluation_only})."
+            )
         self.max_steps, self.eval_steps = self._schedule()
         tokenizer = load_tokenizer(cfg.model)
         adapter_cls.check(task, tokenizer)

@@ -208,12 +208,45 @@ def test_sampling_is_the_published_permutation_deterministic_and_disjoint():
     assert [r["i"] for r in c.train] != [r["i"] for r in a.train]
 
 
-def test_small_train_split_keeps_dev_size_and_warns(caplog):
-    cfg = TaskConfig(name="cb", hub_id="x", num_train=1000, num_dev=100, num_eval=1000)
-    with caplog.at_level(logging.WARNING):
-        splits = sample_opt_protocol(cfg, _rows(250), _rows(56))
-    assert (len(splits.train), len(splits.dev), len(splits.test["test"])) == (150, 100, 56)
-    assert "asked for 1100" in caplog.text and "asked for 1000" in caplog.text
+def _published_split(n_source: int, num_train: int, num_dev: int, seed: int) -> tuple[list, list]:
+    """run.py / tasks.py: sample_subset(num_train + num_dev) under temp_seed, then
+    dev = train_samples[-num_dev:], train = train_samples[:-num_dev]."""
+    np.random.seed(seed)
+    picked = np.random.permutation(n_source).tolist()[: num_train + num_dev]
+    return picked[:-num_dev], picked[-num_dev:]
+
+
+@pytest.mark.parametrize(
+    "task, n_source, num_dev, sizes",
+    [("wsc", 554, 500, (54, 500)), ("cb", 250, 100, (150, 100)), ("copa", 400, 100, (300, 100))],
+)
+def test_a_small_source_keeps_dev_whole_and_shortens_train_as_published(
+    task, n_source, num_dev, sizes, caplog
+):
+    cfg = TaskConfig(name=task, hub_id="x", num_train=1000, num_dev=num_dev, num_eval=1000)
+    for seed in (0, 5):
+        cfg.train_set_seed = seed
+        with caplog.at_level(logging.INFO):
+            splits = sample_opt_protocol(cfg, _rows(n_source), _rows(104))
+        assert (len(splits.train), len(splits.dev), len(splits.test["test"])) == (*sizes, 104)
+        train, dev = _published_split(n_source, 1000, num_dev, seed)
+        assert [r["i"] for r in splits.train] == train and [r["i"] for r in splits.dev] == dev
+    assert f"{task}: the training split has {n_source} rows, fewer than" in caplog.text
+    assert f"{task}: {sizes[0]} train + {sizes[1]} dev sampled from {n_source}" in caplog.text
+    assert "asked for 1000 test examples, the validation split has only 104" in caplog.text
+
+
+def test_a_source_of_at_most_num_dev_rows_is_all_dev_and_training_on_it_is_refused(tmp_path):
+    cfg = TaskConfig(name="cb", hub_id="x", num_train=1000, num_dev=500, num_eval=10)
+    splits = sample_opt_protocol(cfg, _rows(250), _rows(56))
+    np.random.seed(0)  # published: train_samples[-500:] of 250 rows is all of them, in order
+    assert splits.train == []
+    assert [r["i"] for r in splits.dev] == np.random.permutation(250).tolist()
+    # The sample has 24 rows: num_dev=30 leaves no training rows (published: an empty train set).
+    with pytest.raises(ConfigError, match="task cb has no training examples: all 24 sampled rows"):
+        run_overrides(tmp_path / "mezo", "task=cb", "task.num_dev=30", "method=mezo")
+    result = run_overrides(tmp_path / "zs", "task=cb", "task.num_dev=30", "method=zero-shot")
+    assert result["status"] == "completed" and result["steps"] == 0
 
 
 def test_cb_and_copa_use_100_dev_examples():
