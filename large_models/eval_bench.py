@@ -64,7 +64,7 @@ def bench_task(
     adapter.predict(rows[:batch_size])  # warm-up (kernels, allocator)
     batched, t_batched = _timed(adapter, rows, batch_size)
     single, t_single = _timed(adapter, rows[:n_single], 1)
-    prompt_tokens = [len(tokenizer(adapter._render(r).context)["input_ids"]) for r in rows]
+    prompt_tokens = [len(tokenizer(adapter.render(r).context)["input_ids"]) for r in rows]
     result = {
         "kind": "generation" if task.generation else "candidate scoring",
         "rows_batched": len(rows),

@@ -10,8 +10,9 @@ from __future__ import annotations
 import importlib
 import pkgutil
 from abc import ABC, abstractmethod
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
@@ -22,13 +23,30 @@ from lozo_exp.data import Row, Splits
 from lozo_exp.tracking import Progress
 
 FAMILY_PACKAGES = {"causal": "large_models", "masked": "medium_models"}
-Batch = dict[str, Any]
+ContextPrefix = Callable[[Row], str]
+"""Text to put before one example's prompt (e.g. in-context demonstrations)."""
+
+
+@dataclass
+class TokenBatch:
+    """Padded token ids and attention mask of one batch, on the model's device. A family's
+    batches extend it with what their objective needs (one type per objective)."""
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
 
 
 class Adapter(ABC):
-    """Turns rows into batches, batches into a loss, and rows into evaluation metrics."""
+    """Turns rows into batches, batches into a loss, and rows into evaluation metrics.
+
+    Methods reach a family only through this interface. `context_prefix` is the hook for a
+    method that puts text before each example's prompt (ICL); `answered` renders an example
+    with its answer (an ICL demonstration). Families whose prompts cannot take a prefix
+    (masked) leave `answered` unimplemented.
+    """
 
     family: ClassVar[str]
+    context_prefix: ContextPrefix | None = None
 
     def __init__(self, model: nn.Module, tokenizer, task: Any, model_cfg: ModelConfig):
         self.model = model
@@ -42,11 +60,11 @@ class Adapter(ABC):
         """Read the task's data and sample train/dev/test by the family's protocol."""
 
     @abstractmethod
-    def collate(self, rows: list[Row]) -> Batch:
+    def collate(self, rows: list[Row]) -> TokenBatch:
         """Tensors of one training batch (on the model's device)."""
 
     @abstractmethod
-    def loss(self, batch: Batch) -> torch.Tensor:
+    def loss(self, batch: TokenBatch) -> torch.Tensor:
         """Scalar training loss of a batch at the current parameters."""
 
     @abstractmethod
@@ -58,7 +76,11 @@ class Adapter(ABC):
         """Reject a task the tokenizer cannot serve, before the model is loaded."""
 
     def prepare(self, cfg: RunConfig, splits: Splits) -> None:
-        """Run-specific setup once the model is built (causal: ICL demonstrations, non_diff)."""
+        """Run-specific setup once the model is built (causal: task.non_diff)."""
+
+    def answered(self, row: Row) -> str:
+        """The example's prompt followed by its correct answer, as text."""
+        raise NotImplementedError(f"the {self.family} family renders no answered prompts")
 
     @contextmanager
     def _evaluating(self) -> Iterator[None]:

@@ -137,6 +137,7 @@ class Runner:
         model = self.method.prepare_model(model)
         self.adapter = adapter_cls(model, tokenizer, task, cfg.model)
         self.adapter.prepare(cfg, self.splits)
+        self.method.prepare_adapter(self.adapter, self.splits)
         optimizer = self.method.build_optimizer(model, cfg.seed)
         self.state = RunState(model, optimizer, cfg.seed, self.method)
         n_train = sum(p.numel() for p in self.state.trainable().values())

@@ -6,11 +6,13 @@ restricted to the label words; the loss is cross-entropy over them.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lozo_exp.adapter import Adapter, Batch
+from lozo_exp.adapter import Adapter, TokenBatch
 from lozo_exp.config import ConfigError, ModelConfig, TaskConfig
 from lozo_exp.data import Row, Splits
 from medium_models.kshot import kshot_splits
@@ -36,6 +38,14 @@ def mlm_head(net: nn.Module, encoder: nn.Module) -> nn.Module:
     return heads[0]
 
 
+@dataclass
+class MaskBatch(TokenBatch):
+    """Prompts with one <mask> each: its position and the class index of each example."""
+
+    mask_pos: torch.Tensor
+    labels: torch.Tensor
+
+
 class MaskedLMAdapter(Adapter):
     family = "masked"
     task: PromptTask
@@ -54,7 +64,7 @@ class MaskedLMAdapter(Adapter):
     def build_splits(task: PromptTask, cfg: TaskConfig) -> Splits:
         return kshot_splits(task, cfg)
 
-    def collate(self, rows: list[Row]) -> Batch:
+    def collate(self, rows: list[Row]) -> MaskBatch:
         t = self.task
         seqs = [
             encode_template(
@@ -70,22 +80,17 @@ class MaskedLMAdapter(Adapter):
         input_ids, attention_mask = self.pad(seqs, left=False)
         mask_pos = (input_ids == self.tokenizer.mask_token_id).int().argmax(-1)
         labels = torch.tensor([self.labels.index(t.label(r)) for r in rows], device=self.device)
-        return {
-            "input_ids": input_ids,
-            "attention_mask": attention_mask,
-            "mask_pos": mask_pos,
-            "labels": labels,
-        }
+        return MaskBatch(input_ids, attention_mask, mask_pos, labels)
 
-    def _label_logits(self, batch: Batch) -> torch.Tensor:
+    def _label_logits(self, batch: MaskBatch) -> torch.Tensor:
         hidden = self.encoder(
-            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
+            input_ids=batch.input_ids, attention_mask=batch.attention_mask
         ).last_hidden_state
-        at_mask = hidden[torch.arange(hidden.shape[0], device=hidden.device), batch["mask_pos"]]
+        at_mask = hidden[torch.arange(hidden.shape[0], device=hidden.device), batch.mask_pos]
         return self.lm_head(at_mask)[:, self.word_ids].float()
 
-    def loss(self, batch: Batch) -> torch.Tensor:
-        return F.cross_entropy(self._label_logits(batch), batch["labels"])
+    def loss(self, batch: MaskBatch) -> torch.Tensor:
+        return F.cross_entropy(self._label_logits(batch), batch.labels)
 
     @classmethod
     def check(cls, task: PromptTask, tokenizer) -> None:
@@ -93,7 +98,7 @@ class MaskedLMAdapter(Adapter):
 
     def score_batch(self, rows: list[Row]) -> list[dict[str, float]]:
         batch = self.collate(rows)
-        hits = self._label_logits(batch).argmax(-1) == batch["labels"]
+        hits = self._label_logits(batch).argmax(-1) == batch.labels
         return [{"accuracy": float(h)} for h in hits.tolist()]
 
 

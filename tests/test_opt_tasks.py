@@ -12,12 +12,15 @@ import pytest
 import torch
 from conftest import compose_config, read_metrics, run_overrides
 
-from large_models.adapter import CausalLMAdapter
+from large_models.adapter import AnswerBatch, CandidateBatch, CausalLMAdapter, PromptBatch
 from lozo_exp.adapter import available_tasks, load_task
 from lozo_exp.config import ConfigError, TaskConfig
 from lozo_exp.data import SAMPLES, sample_opt_protocol
+from lozo_exp.methods import build_method
+from lozo_exp.methods.evaluation import Demonstrations
 from lozo_exp.metrics import exact_match, f1, normalize_answer
 from lozo_exp.models import load_model, load_tokenizer
+from lozo_exp.runner import Runner
 
 TASKS = available_tasks("causal")
 # Short runs on few rows: generation (50 tokens per answer of a random model) dominates the time.
@@ -266,6 +269,7 @@ def _adapter(task: str, *overrides: str) -> tuple[CausalLMAdapter, list[dict]]:
         load_model(cfg.model, tokenizer).eval(), tokenizer, task_obj, cfg.model
     )
     adapter.prepare(cfg, splits)
+    build_method(cfg).prepare_adapter(adapter, splits)
     return adapter, splits.test["test"]
 
 
@@ -276,19 +280,109 @@ def test_batched_predictions_equal_one_at_a_time(task):
     assert adapter.predict(rows) == [p for row in rows for p in adapter.predict([row])]
 
 
+@pytest.mark.parametrize(
+    "task, overrides, batch_type",
+    [
+        ("cb", (), CandidateBatch),
+        ("squad", (), AnswerBatch),
+        ("squad", ("task.non_diff=true", "method=mezo"), PromptBatch),
+    ],
+)
+def test_each_objective_has_its_batch_type_and_the_batch_loss_is_the_mean(
+    task, overrides, batch_type
+):
+    adapter, rows = _adapter(task, *overrides)
+    rows = rows[:4]
+    batch = adapter.collate(rows)
+    assert type(batch) is batch_type
+    if batch_type is CandidateBatch:
+        assert batch.num_options == [3] * 4 and batch.input_ids.shape[0] == 12
+    with torch.no_grad():
+        singles = [float(adapter.loss(adapter.collate([row]))) for row in rows]
+        if batch_type is AnswerBatch:  # the mean NLL over all answer tokens: token-weighted
+            weights = [float(adapter.collate([row]).option_lens.sum()) for row in rows]
+        else:
+            weights = [1.0] * len(rows)
+        expected = sum(w * x for w, x in zip(weights, singles, strict=True)) / sum(weights)
+        assert float(adapter.loss(batch)) == pytest.approx(expected, rel=1e-6)  # float32 logp
+
+
 def test_icl_prompt_joins_demonstrations_and_left_truncates_keeping_bos():
     adapter, rows = _adapter("rte", "method=icl", "method.num_demos=3", "model.max_length=64")
-    demos = adapter.demonstrations.split("\n\n")
+    demonstrations = adapter.context_prefix
+    pool = demonstrations.pool
+    demos = [adapter.answered(pool[i]) for i in demonstrations.indices(rows[0])]
     assert len(demos) == 3 and all(d.endswith(("Yes", "No")) for d in demos)
-    prompted = adapter._render(rows[0])
-    assert prompted.context.startswith(demos[0] + "\n\n")
-    assert prompted.context.endswith("\n\n" + load_task("causal", "rte").render(rows[0]).context)
-    for ids, option_len in adapter._encode(prompted, prompted.options):
-        full = adapter.tokenizer(prompted.context + "Yes")["input_ids"]
-        assert len(ids) == 64 and ids[0] == adapter.tokenizer.bos_token_id and option_len == 1
-        if prompted.options[0] == "Yes":
-            assert ids[1:] == full[-63:]
-            break
+    prompted = adapter.render(rows[0])
+    template = load_task("causal", "rte").render(rows[0]).context
+    assert prompted.context == "\n\n".join(demos) + "\n\n" + template
+    batch = adapter.collate(rows[:1])
+    full = adapter.tokenizer(prompted.context + "Yes")["input_ids"]
+    assert batch.input_ids.shape == (2, 64)
+    assert (batch.input_ids[:, 0] == adapter.tokenizer.bos_token_id).all()
+    yes = prompted.options.index("Yes")
+    assert batch.input_ids[yes, 1:].tolist() == full[-63:] and batch.option_lens[yes] == 1
+
+
+def _published_icl_demos(n_pool: int, n_eval: int, num_demos: int) -> list[list[int]]:
+    """run.py without train_set_seed: seeds from np.random.randint(0, 10000, num_eval) under
+    temp_seed(0), then for example i sample_subset('train', seeds[i], num_demos)."""
+    np.random.seed(0)
+    seeds = np.random.randint(0, 10000, n_eval)
+    demos = []
+    for seed in seeds:
+        np.random.seed(seed)
+        demos.append(np.random.permutation(n_pool).tolist()[:num_demos])
+    return demos
+
+
+def test_icl_draws_demonstrations_per_example_as_published_and_reproducibly():
+    pool, test = _rows(300), _rows(40)
+    drawn = Demonstrations(pool, [test], 32, seed=0, answered=str)
+    per_example = [drawn.indices(row) for row in test]
+    assert per_example == _published_icl_demos(300, 40, 32)
+    assert len({tuple(d) for d in per_example}) == 40  # a fresh set for every example
+    again = Demonstrations(pool, [test], 32, seed=0, answered=str)
+    other = Demonstrations(pool, [test], 32, seed=1, answered=str)
+    assert [again.indices(row) for row in test] == per_example  # same seed, same demos
+    assert all(other.indices(row) != d for row, d in zip(test, per_example, strict=True))
+    assert drawn(test[0]) == "\n\n".join(str(pool[i]) for i in per_example[0]) + "\n\n"
+    # A dev row (one of the pool) never shows itself; the next of its permutation comes in.
+    dev = pool[:40]
+    own = Demonstrations(pool, [dev], 32, seed=0, answered=str)
+    for i, row in enumerate(dev):
+        picked = own.indices(row)
+        assert len(picked) == 32 and i not in picked
+        assert picked == [j for j in per_example[i] + [_order(i)] if j != i][:32]
+    with pytest.raises(KeyError, match="not one of them"):
+        drawn.indices({"i": 0})
+
+
+def _order(i: int) -> int:
+    """The 33rd row of example i's published permutation (of 300 rows)."""
+    np.random.seed(int(np.random.RandomState(0).randint(0, 10000, 40)[i]))
+    return np.random.permutation(300).tolist()[32]
+
+
+def test_icl_run_draws_from_the_whole_training_split(tmp_path):
+    cfg = compose_config("task=rte", "method=icl", "method.num_demos=4", "task.num_train=4", *SMALL)
+    runner = Runner(cfg, tmp_path / "a")
+    adapter, splits = runner.adapter, runner.splits
+    assert adapter.context_prefix.pool is splits.train_source and len(splits.train_source) == 24
+    test = splits.test["test"]
+    sampled = {id(row) for row in splits.train + splits.dev}  # 10 of the 24 rows
+    used = {i for row in test for i in adapter.context_prefix.indices(row)}
+    assert any(id(splits.train_source[i]) not in sampled for i in used)
+    prefixes = [adapter.context_prefix(row) for row in test]
+    assert len(set(prefixes)) == len(test) and all(p.count("\n\n") == 4 for p in prefixes)
+    assert [adapter.render(row).context for row in test] == [
+        p + load_task("causal", "rte").render(row).context
+        for p, row in zip(prefixes, test, strict=True)
+    ]
+    again = Runner(cfg, tmp_path / "b").adapter
+    assert [again.context_prefix(row) for row in again.context_prefix.evaluated[1]] == prefixes
+    zero_shot = Runner(compose_config("task=rte", "method=zero-shot", *SMALL), tmp_path / "c")
+    assert zero_shot.adapter.context_prefix is None
 
 
 # -- end to end ---------------------------------------------------------------------------------

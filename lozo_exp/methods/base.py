@@ -10,7 +10,9 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from lozo_exp.adapter import Adapter
 from lozo_exp.config import MethodConfig, RunConfig, failing
+from lozo_exp.data import Splits
 
 METHODS: dict[str, type[Method]] = {}
 """Every method by name (its schema's `name`), filled by `@register`."""
@@ -76,6 +78,10 @@ class Method:
         """Choose the trainable parameters (freeze, wrap with adapters); set train/eval mode."""
         model.train(False)
         return model
+
+    def prepare_adapter(self, adapter: Adapter, splits: Splits) -> None:
+        """Set what the method changes in how examples are presented (e.g. ICL's
+        `adapter.context_prefix`), once the adapter and the splits exist."""
 
     def build_optimizer(self, model: nn.Module, seed: int) -> torch.optim.Optimizer | None:
         return None
