@@ -43,6 +43,11 @@ class ModelConfig:
     # Architecture used when the hub config cannot be read offline (and by the tiny models).
     arch: dict[str, Any] = field(default_factory=dict)
     max_length: int = 2048
+    # Whether the output embeddings (the LM head's vocabulary matrix) share the input embedding
+    # matrix. false: the head gets its own copy at load, which trains (and ZO perturbs) apart
+    # from the embeddings, as the published RoBERTa prompt model; true: shared; null: as the
+    # checkpoint (or architecture) has it.
+    tie_word_embeddings: bool | None = None
     lora_targets: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
     # Modules that train in full next to the LoRA adapters in the published code of the family
     # (RoBERTa: the LM head; OPT: none): the default of the LoRA methods' `modules_to_save`.

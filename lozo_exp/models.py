@@ -26,6 +26,7 @@ from pathlib import Path
 
 import torch
 from tokenizers import processors
+from torch import nn
 from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
@@ -337,6 +338,8 @@ def load_model(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase) -> PreTrain
         model = auto.from_pretrained(checkpoint(cfg), dtype=dtype)
     if model.get_input_embeddings().num_embeddings < len(tokenizer):
         model.resize_token_embeddings(len(tokenizer))
+    if cfg.tie_word_embeddings is not None:
+        tie_word_embeddings(model, cfg.tie_word_embeddings)
     n = sum(p.numel() for p in model.parameters())
     log.info(
         "loaded %s (%s, %s, %.1fM parameters%s)",
@@ -347,3 +350,26 @@ def load_model(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase) -> PreTrain
         ", random init" if cfg.random_init else "",
     )
     return model
+
+
+def tie_word_embeddings(model: PreTrainedModel, tie: bool) -> None:
+    """Make the output embeddings share the input embedding matrix (`tie`) or hold their own
+    copy of its current values (the published RoBERTa prompt model's MLM decoder is untied and
+    loads the same values), and record it in the config so `tie_weights` keeps it so."""
+    inputs, outputs = model.get_input_embeddings(), model.get_output_embeddings()
+    if outputs is None:
+        raise ConfigError(
+            f"model.tie_word_embeddings={tie}: {type(model).__name__} has no output embeddings "
+            f"to tie or untie; leave model.tie_word_embeddings null"
+        )
+    if (outputs.weight is inputs.weight) == tie:
+        model.config.tie_word_embeddings = tie
+        return
+    if outputs.weight.shape != inputs.weight.shape:
+        raise ConfigError(
+            f"model.tie_word_embeddings=true: the output embeddings {tuple(outputs.weight.shape)} "
+            f"and input embeddings {tuple(inputs.weight.shape)} differ in shape"
+        )
+    outputs.weight = inputs.weight if tie else nn.Parameter(inputs.weight.detach().clone())
+    model.config.tie_word_embeddings = tie
+    log.info("output embeddings %s", "tied to the input embeddings" if tie else "untied (a copy)")

@@ -279,3 +279,42 @@ def test_the_lm_head_trains_as_an_untied_copy_that_scores(tmp_path):
     head = runner.adapter.lm_head
     hidden = torch.randn(3, HIDDEN)
     torch.testing.assert_close(head(hidden), head.modules_to_save["default"](hidden))
+
+
+# -- RoBERTa's untied head ------------------------------------------------------------------------
+EMBEDDINGS, DECODER = "roberta.embeddings.word_embeddings.weight", "lm_head.decoder.weight"
+
+
+def test_roberta_large_unties_its_head_by_default_and_other_models_keep_theirs():
+    assert compose_config("model=roberta-large").model.tie_word_embeddings is False
+    for model in ("tiny-roberta", "tiny-opt", "opt-13b"):
+        assert compose_config(f"model={model}").model.tie_word_embeddings is None
+
+
+@pytest.mark.parametrize(
+    "method, engine", [("mezo", "fast"), ("mezo", "plain"), ("lozo", "fast"), ("ft", "fast")]
+)
+def test_an_untied_head_is_its_own_parameter_that_trains_apart(tmp_path, method, engine):
+    overrides = ("model=tiny-roberta", f"method={method}", "trainer.max_steps=2", *ONE_EVAL)
+    tied = Runner(compose_config(*overrides), tmp_path / "tied")
+    engine_key = () if method == "ft" else (f"method.engine={engine}",)
+    untie = ("model.tie_word_embeddings=false", *engine_key)
+    untied = Runner(compose_config(*overrides, *untie), tmp_path / "untied")
+    assert set(untied.state.trainable()) - set(tied.state.trainable()) == {DECODER}
+    assert set(tied.state.trainable()) <= set(untied.state.trainable())
+    vocab = len(untied.adapter.tokenizer)
+
+    def count(runner: Runner) -> int:
+        return sum(p.numel() for p in runner.state.trainable().values())
+
+    assert count(untied) - count(tied) == vocab * HIDDEN
+    model = untied.state.model
+    embeddings, decoder = model.get_input_embeddings().weight, model.lm_head.decoder.weight
+    assert decoder is not embeddings and torch.equal(decoder, embeddings)  # a copy at load
+    assert untied.adapter.lm_head.decoder.weight is decoder  # the head that scores
+    before = _params(untied)
+    _train(untied)
+    after = _params(untied)
+    assert not torch.equal(before[EMBEDDINGS], after[EMBEDDINGS])
+    assert not torch.equal(before[DECODER], after[DECODER])
+    assert not torch.equal(after[EMBEDDINGS], after[DECODER])  # each moved its own way
