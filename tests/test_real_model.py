@@ -52,14 +52,14 @@ def test_zero_shot_scores_the_real_templates(tmp_path):
     size = run_cfg.trainer.eval_batch_size  # batched as the runner's evaluation
     correct = []
     for start in range(0, len(rows), size):
-        prompted = [adapter._render(row) for row in rows[start : start + size]]
+        prompted = [adapter.render(row) for row in rows[start : start + size]]
         with torch.inference_mode():
             batch = adapter._candidate_batch(prompted)
             scores = adapter._option_scores(batch)
         assert scores.shape == (len(prompted), 2) and torch.isfinite(scores).all()
-        assert batch["option_lens"].eq(1).all()  # each label word is one token, scored last
+        assert batch.option_lens.eq(1).all()  # each label word is one token, scored last
         # The template's context ends right before the label word: "<sentence> It was".
-        assert tokenizer.decode(batch["input_ids"][0, -2:]) in (" was terrible", " was great")
+        assert tokenizer.decode(batch.input_ids[0, -2:]) in (" was terrible", " was great")
         correct += (scores.argmax(-1).cpu() == torch.tensor([p.label for p in prompted])).tolist()
     results = run_overrides(tmp_path, "model=smollm2-135m", "method=zero-shot")
     assert results["test"]["accuracy"] == pytest.approx(sum(correct) / len(correct))
