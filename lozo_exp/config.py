@@ -7,6 +7,7 @@ checks values (ranges, combinations) and raises `ConfigError` with one readable 
 
 from __future__ import annotations
 
+import importlib.util
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +22,7 @@ DATA_SOURCES = ("hub", "sample")
 LR_SCHEDULES = ("constant", "linear")
 SELECT_BY = ("loss", "metric")
 AMP = ("off", "fp16", "bf16")
+WANDB_MODES = ("offline", "online", "disabled")
 
 
 class ConfigError(ValueError):
@@ -137,9 +139,35 @@ class TrainerConfig:
 
 @dataclass
 class LoggerConfig:
+    """Where a run's records go besides `metrics.jsonl` (always written): Weights & Biases
+    and/or TensorBoard (`logger=[wandb,tensorboard]`, or `logger.wandb=true`). `check` is the
+    one place its settings are validated."""
+
     wandb: bool = False
+    tensorboard: bool = False  # event files in <run dir>/tensorboard
+    # W&B settings.
+    mode: str = "offline"  # offline unless the user says online
     project: str = "lozo-exp"
-    mode: str = "offline"  # wandb mode: offline unless the user says online
+    entity: str | None = None  # None: W&B's default entity
+    group: str | None = None  # None: in a sweep, the sweep's directory (its runs share it)
+    tags: list[str] = field(default_factory=list)
+
+    def check(self) -> list[str]:
+        """One message per bad setting: an unknown W&B mode, a logger whose package is missing."""
+        missing = [
+            f"logger.{name}=true needs the {package} package, which is not installed: "
+            f"pip install {package} (or pip install 'lozo-exp[{name}]')"
+            for name, package in (("wandb", "wandb"), ("tensorboard", "tensorboard"))
+            if getattr(self, name) and importlib.util.find_spec(package) is None
+        ]
+        return missing + failing(
+            [
+                (
+                    self.mode in WANDB_MODES,
+                    f"logger.mode={self.mode!r} is not one of {choices(WANDB_MODES)}",
+                )
+            ]
+        )
 
 
 @dataclass
@@ -253,6 +281,7 @@ def validate(cfg: RunConfig) -> None:
     )
     bad += _method_fit(cfg)
     bad += cfg.method.check(cfg)
+    bad += cfg.logger.check()
     for split, path in vars(t.data_files).items():
         if path is not None and not Path(path).expanduser().is_file():
             bad.append(f"task.data_files.{split}={path!r} does not exist")

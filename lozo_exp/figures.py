@@ -171,7 +171,7 @@ def memory(table: pd.DataFrame) -> Figure:
     ax.set_xticks(x, models)
     ax.set_xlabel("model")
     ax.set_ylabel("peak memory (GiB; papers: GB)" if per_method == 2 else "peak memory (GiB)")
-    ax.set_title("Peak memory (GPU allocated; CPU runs: process RSS)")
+    ax.set_title("Peak memory (GPU allocated; CPU runs: resident)")
     ax.legend(fontsize="small", ncols=2)
     return fig
 

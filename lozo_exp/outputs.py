@@ -9,21 +9,25 @@ reports a sweep's jobs at its end; `job_dirname` names job directories by their 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.core.override_parser.types import Override
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
-from lozo_exp.config import ConfigError
+from lozo_exp.config import ConfigError, RunConfig
 
 RESULTS = "results.json"
 METRICS = "metrics.jsonl"
 REJECTED = "rejected"
 FINISHED = ("completed", "diverged")  # a sweep with a job in any other state exits non-zero
+CONFIG_GROUPS = ("model", "task", "method", "trainer")  # results.json's `<group>_config` keys
 
 
 class RunDirTaken(ConfigError):
@@ -66,15 +70,39 @@ def check_output_dir(out_dir: Path, setting: str = "hydra.run.dir") -> None:
         )
 
 
-def record_failure(out_dir: Path, err: BaseException) -> None:
-    """Leave `results.json` with `status` and `error` for a run that stopped before the runner
-    wrote its own: "rejected" for a bad config or missing data, "failed" for anything else."""
+def hyperparameters(cfg: RunConfig) -> dict[str, Any]:
+    """What `results.json` says about the run's setting, so it reads without `.hydra/`: the
+    model, task and method names, the seed and every resolved key of model, task, method and
+    trainer (`<group>_config`)."""
+    return {
+        "model": cfg.model.name,
+        "task": cfg.task.name,
+        "method": cfg.method.name,
+        "seed": cfg.seed,
+        **{f"{group}_config": asdict(getattr(cfg, group)) for group in CONFIG_GROUPS},
+    }
+
+
+def run_name(directory: Path) -> str:
+    """A run's (or a sweep's) name for the loggers: its directory, relative to the working
+    directory when under it. Unique: no two runs share a directory, and sweeps have their own."""
+    path = Path(directory).absolute()
+    with contextlib.suppress(ValueError):
+        return str(path.relative_to(Path.cwd()))
+    return str(path)
+
+
+def record_failure(out_dir: Path, err: BaseException, cfg: RunConfig | None = None) -> None:
+    """Leave `results.json` with `status` and `error` (and the setting, when the config was
+    read) for a run that stopped before the runner wrote its own: "rejected" for a bad config
+    or missing data, "failed" for anything else."""
     if isinstance(err, RunDirTaken) or read_status(out_dir) not in (None, REJECTED):
         return  # another run's directory, or the runner already recorded how this one ended
     rejected = isinstance(err, ConfigError)
     results = {
         "status": REJECTED if rejected else "failed",
         "error": str(err) if rejected else f"{type(err).__name__}: {err}",
+        **(hyperparameters(cfg) if cfg is not None else {}),
     }
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / RESULTS).write_text(json.dumps(results, indent=2) + "\n")
@@ -85,11 +113,12 @@ def record_failure(out_dir: Path, err: BaseException) -> None:
 
 def job_dirname(num: int, overrides: list[str], exclude: list[str]) -> str:
     """`<num>_<key>=<value>,...` from a job's overrides, like Hydra's `override_dirname` but
-    with each key shortened to its last part (`method.lr` -> `lr`) unless two would clash.
+    with each key shortened to its last part (`method.lr` -> `lr`) unless two would clash, and
+    long floats rounded.
     An `exclude` entry drops that key and every key under it (`logger` drops `logger.mode`)."""
     parsed = OverridesParser.create().parse_overrides(list(overrides))
     kept = [
-        (o.key_or_group, o.get_value_element_as_str().replace(os.sep, "_"))
+        (o.key_or_group, _dir_value(o))
         for o in parsed
         if not any(o.key_or_group == e or o.key_or_group.startswith(e + ".") for e in exclude)
     ]
@@ -99,6 +128,14 @@ def job_dirname(num: int, overrides: list[str], exclude: list[str]) -> str:
         for (key, value), tail in zip(kept, tails, strict=True)
     )
     return "_".join([str(num), ",".join(items)]) if items else str(num)
+
+
+def _dir_value(override: Override) -> str:
+    """An override's value in a directory name: a float to 4 significant digits (an Optuna
+    trial's lr 1.2520653814999453e-06 is 1.252e-06), `/` as `_`."""
+    value = override.value()
+    text = format(value, ".4g") if isinstance(value, float) else None
+    return (text or override.get_value_element_as_str()).replace(os.sep, "_")
 
 
 def register_resolvers() -> None:

@@ -34,7 +34,7 @@ from omegaconf import OmegaConf
 
 from lozo_exp import cli
 from lozo_exp.config import ConfigError
-from lozo_exp.tracking import Progress
+from lozo_exp.tracking import Progress, flatten
 
 log = logging.getLogger("lozo_exp.report")
 
@@ -95,18 +95,6 @@ class Run:
         """Training records (step, loss, lr, step_time_s, mem_peak_mb, ...)."""
         rows = [r for r in self.records if "split" not in r and "loss" in r]
         return pd.DataFrame(rows, columns=None if rows else ["step", "loss"])
-
-
-def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """Nested config -> {"a.b": value}; lists (and empty dicts) become JSON strings."""
-    flat: dict[str, Any] = {}
-    for key, value in tree.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict) and value:
-            flat.update(flatten(value, f"{name}."))
-        else:
-            flat[name] = json.dumps(value) if isinstance(value, list | dict) else value
-    return flat
 
 
 def _json_lines(path: Path) -> list[dict[str, Any]]:
@@ -587,7 +575,7 @@ def write_memory(memory: pd.DataFrame, out: Path) -> None:
     wide = wide.pivot(index="model", columns="method", values="text")
     wide = wide[ordered(wide.columns, METHOD_ORDER)].fillna("not run")
     (out / "memory.md").write_text(
-        "# Peak memory\n\nPeak GPU memory allocated (CPU runs: the process's peak RSS), the "
+        "# Peak memory\n\nPeak GPU memory allocated (CPU runs: the peak resident memory), the "
         "maximum over the completed runs of a model and method; the papers' values beside it "
         "for runs of the memory preset (`+experiment=memory`).\n\n" + markdown(wide) + "\n"
     )

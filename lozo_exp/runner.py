@@ -26,12 +26,11 @@ from lozo_exp.config import ConfigError, RunConfig, validate
 from lozo_exp.data import Row, Splits
 from lozo_exp.methods import METHODS, Method, build_method
 from lozo_exp.models import dtype_on, load_model, load_tokenizer, resolve_model
-from lozo_exp.outputs import check_output_dir
+from lozo_exp.outputs import check_output_dir, hyperparameters, run_name
 from lozo_exp.tracking import (
     MetricsLog,
     Progress,
     peak_memory_mb,
-    require_wandb,
     resolve_device,
     synchronize,
 )
@@ -104,7 +103,6 @@ class Runner:
         self.start = time.perf_counter()
         cfg.model = resolve_model(cfg.model)  # the checkpoint is there; its family is known
         validate(cfg)
-        require_wandb(cfg.logger)
         check_output_dir(out_dir)
         self.cfg, self.out_dir = cfg, out_dir
         family = cfg.model.family
@@ -133,6 +131,7 @@ class Runner:
         torch.manual_seed(cfg.seed)
         self.device = resolve_device(cfg.trainer.device)
         cfg.model.dtype = dtype_on(self.device, cfg.model.dtype)
+        peak_memory_mb(self.device)  # reset: this job's peak starts here (sweeps share a process)
         model = load_model(cfg.model, tokenizer).to(self.device)
         model = self.method.prepare_model(model)
         self.adapter = adapter_cls(model, tokenizer, task, cfg.model)
@@ -247,15 +246,11 @@ class Runner:
 
     def run(self) -> dict[str, Any]:
         cfg = self.cfg
-        metrics = MetricsLog(self.out_dir, cfg.logger, self.out_dir.name, asdict(cfg))
+        metrics = MetricsLog(self.out_dir, cfg.logger, run_name(self.out_dir), asdict(cfg))
         results: dict[str, Any] = {
-            "model": cfg.model.name,
-            "task": cfg.task.name,
-            "method": cfg.method.name,
-            "method_config": asdict(cfg.method),
+            **hyperparameters(cfg),
             "metric": self.adapter.task.metric,
             "select_by": cfg.trainer.select_by,
-            "seed": cfg.seed,
         }
         try:
             if not self.method.trains:
@@ -287,8 +282,8 @@ class Runner:
                     **{k: results.get(k) for k in ("status", "peak_mem_mb")},
                 }
             )
-            metrics.close()
             (self.out_dir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+            metrics.close(results)
 
 
 def _fmt(scores: dict[str, float]) -> str:

@@ -1,58 +1,165 @@
-"""Where a run's numbers go: `metrics.jsonl` always, Weights & Biases when asked; memory and
-progress readings."""
+"""Where a run's numbers go: `metrics.jsonl` always, plus Weights & Biases and/or TensorBoard
+when the logger config asks (`logger=[wandb,tensorboard]`); memory and progress readings."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
+import re
 import resource
+import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
-from lozo_exp.config import ConfigError, LoggerConfig
+from lozo_exp.config import LoggerConfig
 
 log = logging.getLogger(__name__)
 
+PROC_STATUS = Path("/proc/self/status")  # Linux: VmHWM, the peak resident memory
+PROC_CLEAR_REFS = Path("/proc/self/clear_refs")  # writing 5 resets VmHWM
 
-def require_wandb(cfg: LoggerConfig) -> None:
-    """Fail at start, not after training, when W&B is asked for but missing."""
-    if cfg.wandb:
-        try:
-            import wandb  # noqa: F401
-        except ImportError as err:
-            raise ConfigError(
-                "logger=wandb needs the wandb package, which is not installed: "
-                "pip install wandb (or use logger=local)"
-            ) from err
+
+def _numbers(values: dict[str, Any]) -> dict[str, float]:
+    """The entries that are numbers (not strings, flags or None)."""
+    return {
+        k: v for k, v in values.items() if isinstance(v, int | float) and not isinstance(v, bool)
+    }
+
+
+def _named(prefix: str, scores: dict[str, Any]) -> dict[str, float]:
+    """`{prefix}/{key}` for the numbers in `scores` (`dev_loss` under "dev" is `dev/loss`)."""
+    return {f"{prefix}/{k.removeprefix(prefix + '_')}": v for k, v in _numbers(scores).items()}
+
+
+def scalars(record: dict[str, Any]) -> dict[str, float]:
+    """A `metrics.jsonl` record as the loggers' scalars: a training record's numbers as
+    `train/<key>`, a dev evaluation's as `dev/<key>`. Strings (`split`, `status`) are not
+    metrics, and the final record's numbers go to the run summary instead."""
+    split = record.get("split", "train")
+    if split == "final":
+        return {}
+    return _named(split, {k: v for k, v in record.items() if k != "step"})
+
+
+def run_summary(results: dict[str, Any]) -> dict[str, Any]:
+    """What a run ended with: the selected dev evaluation's metrics (`dev/<key>`), every test
+    set's (`test/<set>/<key>`, e.g. `test/test_matched/accuracy`) and its status and costs."""
+    summary: dict[str, Any] = _named("dev", results.get("dev") or {})
+    for name, scores in (results.get("test_sets") or {}).items():
+        summary.update(_named(f"test/{name}", scores))
+    keys = ("status", "steps", "best_step", "wall_time_s", "peak_mem_mb")
+    return summary | {k: results[k] for k in keys if results.get(k) is not None}
+
+
+def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested config -> {"a.b": value}; lists (and empty dicts) become JSON strings."""
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            flat.update(flatten(value, f"{name}."))
+        else:
+            flat[name] = json.dumps(value) if isinstance(value, list | dict) else value
+    return flat
+
+
+class Sink(Protocol):
+    """A logger besides `metrics.jsonl`: scalars by step, then the run's summary."""
+
+    def log(self, scalars: dict[str, float], step: int) -> None: ...
+
+    def finish(self, summary: dict[str, Any]) -> None: ...
+
+
+class WandbSink:
+    """A W&B run named by its directory, grouped by `logger.group` (in a sweep: the sweep's
+    directory); its summary holds the test and the selected dev metrics."""
+
+    def __init__(self, cfg: LoggerConfig, out_dir: Path, name: str, config: dict[str, Any]):
+        import wandb
+
+        self.run = wandb.init(
+            project=cfg.project,
+            entity=cfg.entity,
+            group=cfg.group,
+            tags=list(cfg.tags),
+            name=name,
+            mode=cfg.mode,
+            dir=str(out_dir),
+            config=config,
+        )
+
+    def log(self, scalars: dict[str, float], step: int) -> None:
+        self.run.log(scalars, step=step)
+
+    def finish(self, summary: dict[str, Any]) -> None:
+        # Commit the last step's row first: committed later, it would overwrite the summary's
+        # dev metrics with the last evaluation's.
+        self.run.log({}, commit=True)
+        self.run.summary.update(summary)
+        self.run.finish(exit_code=0 if summary.get("status", "completed") == "completed" else 1)
+
+
+class TensorBoardSink:
+    """Event files in `<run dir>/tensorboard`: the same scalars, then the run's hyperparameters
+    with its final metrics for TensorBoard's HParams view (the selected dev metrics as
+    `best_dev/<key>`, beside the `dev/<key>` series)."""
+
+    def __init__(self, out_dir: Path, config: dict[str, Any]):
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.writer = SummaryWriter(log_dir=str(out_dir / "tensorboard"))
+        self.hparams = {k: v for k, v in flatten(config).items() if not k.startswith("logger.")}
+        self.step = 0
+
+    def log(self, scalars: dict[str, float], step: int) -> None:
+        for key, value in scalars.items():
+            self.writer.add_scalar(key, value, step)
+        self.writer.flush()  # a killed run keeps what was logged
+        self.step = step
+
+    def finish(self, summary: dict[str, Any]) -> None:
+        from torch.utils.tensorboard.summary import hparams
+
+        metrics = {re.sub(r"^dev/", "best_dev/", k): v for k, v in _numbers(summary).items()}
+        for part in hparams(self.hparams, metrics):
+            self.writer.file_writer.add_summary(part, self.step)
+        for key, value in metrics.items():
+            self.writer.add_scalar(key, value, self.step)
+        self.writer.close()
 
 
 class MetricsLog:
-    """Appends one JSON record per line, flushed at once so a crash keeps what was logged."""
+    """Appends one JSON record per line to `metrics.jsonl`, flushed at once so a crash keeps
+    what was logged, and sends the same records to the loggers the config asks for."""
 
     def __init__(self, out_dir: Path, cfg: LoggerConfig, run_name: str, config: dict[str, Any]):
         self.file = (out_dir / "metrics.jsonl").open("a")
-        self.wandb = None
+        self.sinks: list[Sink] = []
         if cfg.wandb:
-            import wandb
-
-            self.wandb = wandb.init(
-                project=cfg.project, name=run_name, mode=cfg.mode, dir=str(out_dir), config=config
-            )
+            self.sinks.append(WandbSink(cfg, out_dir, run_name, config))
+        if cfg.tensorboard:
+            self.sinks.append(TensorBoardSink(out_dir, config))
 
     def write(self, record: dict[str, Any]) -> None:
         self.file.write(json.dumps(record) + "\n")
         self.file.flush()
-        if self.wandb is not None:
-            self.wandb.log({k: v for k, v in record.items() if k != "step"}, step=record["step"])
+        values = scalars(record)
+        if values:
+            for sink in self.sinks:
+                sink.log(values, record["step"])
 
-    def close(self) -> None:
+    def close(self, results: dict[str, Any] | None = None) -> None:
+        """Close the file; the loggers get the run's summary from `results` (results.json)."""
         self.file.close()
-        if self.wandb is not None:
-            self.wandb.finish()
+        summary = run_summary(results or {})
+        for sink in self.sinks:
+            sink.finish(summary)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -69,13 +176,30 @@ def synchronize(device: torch.device) -> None:
 
 
 def peak_memory_mb(device: torch.device, reset: bool = True) -> float:
-    """Peak GPU memory allocated since the last reset; on CPU, the process's peak RSS."""
+    """Peak memory since the last reset: GPU memory allocated on CUDA, resident memory on CPU."""
     if device.type == "cuda":
         peak = torch.cuda.max_memory_allocated(device) / 2**20
         if reset:
             torch.cuda.reset_peak_memory_stats(device)
         return peak
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10
+    return peak_rss_mb(reset)
+
+
+def peak_rss_mb(reset: bool = True) -> float:
+    """The process's peak resident memory since the last reset. On Linux, VmHWM, which writing
+    5 to /proc/self/clear_refs resets to the current RSS, so each job of a sweep run in one
+    process reads its own peak; elsewhere the process's lifetime peak (ru_maxrss)."""
+    try:
+        hwm = re.search(r"^VmHWM:\s+(\d+) kB", PROC_STATUS.read_text(), re.M)
+    except OSError:
+        hwm = None
+    if hwm is None:
+        maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # bytes on macOS, else KiB
+        return maxrss / (2**20 if sys.platform == "darwin" else 2**10)
+    if reset:
+        with contextlib.suppress(OSError):  # a read-only /proc: the lifetime peak, as above
+            PROC_CLEAR_REFS.write_text("5")
+    return int(hwm[1]) / 2**10
 
 
 def _clock(seconds: float) -> str:

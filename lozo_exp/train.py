@@ -23,19 +23,23 @@ log = logging.getLogger("lozo_exp")
 
 
 def train(dict_cfg: DictConfig) -> float | None:
-    """One Hydra job: the dev metric the paper reports (what a sweeper maximises), or None."""
+    """One Hydra job. Returns the dev metric the paper reports (what an Optuna search
+    maximises), or None for a job without one (failed, rejected, diverged): a failed trial."""
     hydra_cfg = HydraConfig.get()
     out_dir = Path(hydra_cfg.runtime.output_dir)
     cli.set_verbosity(bool(hydra_cfg.verbose))
     if os.environ.get("HF_HUB_OFFLINE") == "1":
         log.info("HF_HUB_OFFLINE=1: reading only local files and the hub cache")
+    cfg = None
     try:
         cfg = cli.to_object(dict_cfg)
+        if hydra_cfg.mode == RunMode.MULTIRUN and cfg.logger.group is None:
+            cfg.logger.group = outputs.run_name(Path(hydra_cfg.sweep.dir))  # shared by its jobs
         from lozo_exp.runner import run  # torch: only once a job runs
 
         results = run(cfg, out_dir)
     except Exception as err:
-        outputs.record_failure(out_dir, err)
+        outputs.record_failure(out_dir, err, cfg)
         status = outputs.read_status(out_dir)
         if hydra_cfg.mode == RunMode.MULTIRUN:
             log.error("job %d %s (%s): %s", hydra_cfg.job.num, status, out_dir, err)

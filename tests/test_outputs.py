@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
+from conftest import compose_config
 from omegaconf import OmegaConf
 
 from lozo_exp import outputs
@@ -45,11 +47,30 @@ def test_a_failure_before_the_runner_wrote_results_is_recorded(tmp_path):
     assert (tmp_path / "results.json").read_text() == completed
 
 
+def test_a_rejected_run_records_its_setting_when_its_config_was_read(tmp_path):
+    cfg = compose_config("method=lozo", "method.rank=0", "seed=3")
+    outputs.record_failure(tmp_path, ConfigError("method.rank=0 must be a positive integer"), cfg)
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert (results["status"], results["method"], results["seed"]) == ("rejected", "lozo", 3)
+    assert results["method_config"]["rank"] == 0 and results["model_config"]["name"] == "tiny-opt"
+    assert set(results) >= {"task_config", "trainer_config"}
+
+
+def test_a_run_is_named_by_its_directory(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert (
+        outputs.run_name(tmp_path / "multirun" / "day" / "0_lr=1e-06") == "multirun/day/0_lr=1e-06"
+    )
+    assert outputs.run_name(Path("outputs/run")) == "outputs/run"
+    assert outputs.run_name(tmp_path.parent / "elsewhere") == str(tmp_path.parent / "elsewhere")
+
+
 @pytest.mark.parametrize(
     "overrides, exclude, name",
     [
         ([], [], "3"),
         (["method.lr=1e-6", "method=lozo"], [], "3_lr=1e-06,method=lozo"),
+        (["method.lr=1.2520653814999453e-06", "seed=2"], [], "3_lr=1.252e-06,seed=2"),  # Optuna
         (["method.eps=0.1", "task.eps=2"], [], "3_method.eps=0.1,task.eps=2"),  # would clash
         (["logger=wandb", "logger.mode=online", "seed=1"], ["logger"], "3_seed=1"),
         (["model.hub_id=facebook/opt-13b"], [], "3_hub_id=facebook_opt-13b"),

@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import json
+from dataclasses import asdict
 
 import pandas as pd
 import pytest
 import torch
 from conftest import compose_config, read_metrics, run_overrides
+from omegaconf import OmegaConf
 
 from lozo_exp import runner as runner_module
-from lozo_exp.config import ConfigError
+from lozo_exp.config import ConfigError, RunConfig
 from lozo_exp.data import DataUnavailable, sample_path
+from lozo_exp.methods import METHODS
 from lozo_exp.runner import Runner, TrainingDiverged
 from lozo_exp.tracking import MetricsLog
 
@@ -44,6 +47,20 @@ def test_every_method_runs_end_to_end(tmp_path, model, method):
     assert results["dev"]["accuracy"] == max(r["accuracy"] for r in dev)  # select_by=metric
     assert results["method_config"]["name"] == method
     assert ("rank" in results["method_config"]) == method.startswith("lozo")
+    assert results["trainer_config"]["max_steps"] == 6 and results["model_config"]["name"] == model
+
+
+def test_results_describe_the_run_without_hydra(tmp_path):
+    """The run's config rebuilt from results.json alone is the config it ran with."""
+    overrides = ("model=tiny-roberta", "method=lozo", "method.rank=3", "task.k=4", "seed=5", *FAST)
+    results = run_overrides(tmp_path, *overrides)
+    schema = RunConfig(method=METHODS[results["method"]].config())
+    groups = {group: results[f"{group}_config"] for group in ("model", "task", "method", "trainer")}
+    rebuilt = OmegaConf.to_object(
+        OmegaConf.merge(OmegaConf.structured(schema), {**groups, "seed": results["seed"]})
+    )
+    assert asdict(rebuilt) == asdict(compose_config(*overrides))
+    assert (rebuilt.method.rank, rebuilt.task.k, rebuilt.seed) == (3, 4, 5)
 
 
 def _params(runner: Runner) -> dict[str, torch.Tensor]:
@@ -228,21 +245,3 @@ def test_bad_input_fails_before_any_model_is_loaded(tmp_path, monkeypatch):
         Runner(compose_config("method=lozo", "method.rank=0"), tmp_path / "b")
     with pytest.raises(ConfigError, match="does not exist"):
         Runner(compose_config("task.data_files.train=/no/such.csv"), tmp_path / "c")
-
-
-def test_wandb_logger_gets_the_same_records(tmp_path, monkeypatch):
-    wandb = pytest.importorskip("wandb")
-    logged = []
-
-    class FakeRun:
-        def log(self, record, step):
-            logged.append((step, record))
-
-        def finish(self):
-            logged.append("finished")
-
-    monkeypatch.setattr(wandb, "init", lambda **kwargs: FakeRun())
-    run_overrides(tmp_path, "logger=wandb", *FAST)
-    records = read_metrics(tmp_path)
-    assert logged[-1] == "finished" and len(logged) - 1 == len(records)
-    assert [step for step, _ in logged[:-1]] == [r["step"] for r in records]
