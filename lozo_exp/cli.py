@@ -32,6 +32,13 @@ from lozo_exp import outputs
 from lozo_exp.config import ConfigError, RunConfig, register_configs
 
 LOG_FORMAT = "[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"  # as Hydra's job logging
+# Config options that a Hydra plugin brings, and how to install it.
+PLUGINS = {
+    "hydra/sweeper/optuna": (
+        " (optuna comes with Hydra's Optuna sweeper: pip install 'lozo-exp[optuna]' && pip "
+        "install --no-deps hydra-optuna-sweeper; README: Hyperparameter search)"
+    ),
+}
 
 
 def config_dir() -> Path:
@@ -108,9 +115,9 @@ def describe(err: BaseException) -> str:
         return str(err)
     if isinstance(err, MissingConfigException) and err.missing_cfg_file and err.options:
         group, _, choice = err.missing_cfg_file.rpartition("/")
-        return f"{group}={choice} is not an option of {group}; its options are: " + ", ".join(
-            err.options
-        )
+        options = ", ".join(err.options)
+        hint = PLUGINS.get(err.missing_cfg_file, "")
+        return f"{group}={choice} is not an option of {group}; its options are: {options}{hint}"
     if isinstance(err, OverrideParseException):
         return f"cannot parse the override {err.override!r}: {err.message.splitlines()[0]}"
     cause = err.__cause__ if isinstance(err.__cause__, OmegaConfBaseException) else err
