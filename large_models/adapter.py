@@ -26,7 +26,8 @@ import torch.nn.functional as F
 from large_models.tasks.base import CausalTask, Prompted
 from lozo_exp.adapter import Adapter, TokenBatch
 from lozo_exp.config import ConfigError, RunConfig, TaskConfig
-from lozo_exp.data import Row, Splits, load_rows, sample_opt_protocol
+from lozo_exp.data import Row, Splits, load_rows, sample_opt_protocol, source_of
+from lozo_exp.datacheck import check_rows
 from lozo_exp.metrics import exact_match, f1
 
 MAX_NEW_TOKENS = 50
@@ -66,13 +67,22 @@ class CausalLMAdapter(Adapter):
     non_diff: bool = False  # train on -F1 of greedy generations (task.non_diff)
 
     @staticmethod
+    def data_splits(task: CausalTask) -> tuple[str, ...]:
+        return ("train", "validation")
+
+    @staticmethod
     def build_splits(task: CausalTask, cfg: TaskConfig) -> Splits:
         if cfg.non_diff and not task.generation:
             raise ConfigError(
                 f"task.non_diff=true makes the loss -F1 of generated answers, so it needs a "
                 f"generation task (squad, drop); task {task.name!r} is scored by {task.metric}"
             )
-        return sample_opt_protocol(cfg, load_rows(cfg, "train"), load_rows(cfg, "validation"))
+        train, evaluation = (
+            check_rows(load_rows(cfg, split), task.schema, source_of(cfg, split))
+            for split in ("train", "validation")
+        )
+        # Dev is never empty (it is drawn first); a training method refuses an empty train.
+        return sample_opt_protocol(cfg, train, evaluation)
 
     def prepare(self, cfg: RunConfig, splits: Splits) -> None:
         self.non_diff = cfg.task.non_diff

@@ -56,8 +56,14 @@ class Adapter(ABC):
 
     @staticmethod
     @abstractmethod
+    def data_splits(task: Any) -> tuple[str, ...]:
+        """The splits the family reads for `task`: the keys of `task.data_files` it honours."""
+
+    @staticmethod
+    @abstractmethod
     def build_splits(task: Any, cfg: TaskConfig) -> Splits:
-        """Read the task's data and sample train/dev/test by the family's protocol."""
+        """Read the task's data, check it (`lozo_exp.datacheck`) and sample train/dev/test by
+        the family's protocol."""
 
     @abstractmethod
     def collate(self, rows: list[Row]) -> TokenBatch:

@@ -29,7 +29,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
 
 from lozo_exp import outputs
-from lozo_exp.config import ConfigError, RunConfig, register_configs
+from lozo_exp.config import ConfigError, RunConfig, check_overrides, register_configs
 
 LOG_FORMAT = "[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"  # as Hydra's job logging
 # Config options that a Hydra plugin brings, and how to install it.
@@ -180,8 +180,11 @@ def compose(config_name: str = "config", overrides: Sequence[str] = ()) -> DictC
 
 
 def run_config(overrides: Sequence[str] = ()) -> RunConfig:
-    """The typed config `lozo-exp train <overrides>` runs (values not yet validated)."""
-    return to_object(compose("config", overrides))
+    """The typed config `lozo-exp train <overrides>` runs (values not yet validated; a task key
+    the model's family does not read is refused here)."""
+    cfg = to_object(compose("config", overrides))
+    check_overrides(cfg, overrides)
+    return cfg
 
 
 def to_object(cfg: DictConfig) -> Any:
@@ -221,24 +224,34 @@ def run_hydra(
 
 class StartGuard(Callback):
     """Before Hydra writes anything (`.hydra/`, a sweep's `multirun.yaml`), ends the command
-    when the config has keys its schema lacks or the run or sweep directory holds a run.
-    Listed under `hydra.callbacks` in `conf/config.yaml`."""
+    when the config has keys its schema lacks, or claims the run or sweep directory
+    (`outputs.claim_run_dir`: refused when it holds a run or another run uses it; a sweep's
+    existing job directories are checked too). Listed under `hydra.callbacks` in
+    `conf/config.yaml`."""
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
         HydraConfig.instance().set_config(config)  # the directory may use ${hydra:...}
-        self._check(config, [Path(config.hydra.run.dir)], "hydra.run.dir")
+        self._check(config, Path(config.hydra.run.dir), [], "hydra.run.dir")
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         HydraConfig.instance().set_config(config)
         sweep_dir = Path(config.hydra.sweep.dir)
-        self._check(config, [sweep_dir, *outputs.job_dirs(sweep_dir)], "hydra.sweep.dir")
+        self._check(config, sweep_dir, list(outputs.job_dirs(sweep_dir)), "hydra.sweep.dir")
+
+    def on_run_end(self, config: DictConfig, **kwargs: Any) -> None:
+        outputs.release_run_dir(Path(config.hydra.run.dir))
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        outputs.release_run_dir(Path(config.hydra.sweep.dir))
 
     @staticmethod
-    def _check(config: DictConfig, dirs: list[Path], setting: str) -> None:
+    def _check(config: DictConfig, claim: Path, jobs: list[Path], setting: str) -> None:
         # Hydra turns an Exception raised by a callback into a warning: `fail` exits instead.
         try:
             check_keys(config, skip=("hydra",))
-            for directory in dirs:
+            outputs.claim_run_dir(claim, setting)
+            for directory in jobs:
                 outputs.check_output_dir(directory, setting)
         except ConfigError as err:
+            outputs.release_run_dir(claim)
             fail(err)

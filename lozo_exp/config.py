@@ -7,11 +7,16 @@ checks values (ranges, combinations) and raises `ConfigError` with one readable 
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
+import math
+import netrc
+import os
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
+from urllib.parse import urlsplit
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
@@ -23,6 +28,20 @@ LR_SCHEDULES = ("constant", "linear")
 SELECT_BY = ("loss", "metric")
 AMP = ("off", "fp16", "bf16")
 WANDB_MODES = ("offline", "online", "disabled")
+SEED_RANGE = 2**32  # NumPy's legacy generator (the published sampling) takes seeds in [0, 2**32)
+SEED_KEYS = ("train_set_seed", "data_seed")  # task keys; `seed` is checked too
+# Task keys that only one family's protocol reads: setting one on a model of the other family
+# is an error rather than silently ignored (`check_overrides`).
+FAMILY_TASK_KEYS = {
+    "causal": ("num_train", "num_dev", "num_eval", "train_set_seed"),
+    "masked": ("k", "data_seed", "test_cap", "lmbff_root", "data_dir"),
+}
+PROTOCOLS = {
+    "causal": "the OPT protocol (task.num_train, num_dev and num_eval examples sampled with "
+    "task.train_set_seed)",
+    "masked": "the LM-BFF k-shot protocol (task.k examples per label, task.data_seed; split "
+    "directories task.lmbff_root and task.data_dir; test sets capped at task.test_cap)",
+}
 
 
 class ConfigError(ValueError):
@@ -165,9 +184,34 @@ class LoggerConfig:
                 (
                     self.mode in WANDB_MODES,
                     f"logger.mode={self.mode!r} is not one of {choices(WANDB_MODES)}",
-                )
+                ),
+                (
+                    not (self.wandb and self.mode == "online") or wandb_credentials() is not None,
+                    "logger.mode=online needs W&B credentials, and none were found (no "
+                    "WANDB_API_KEY, no netrc entry): run `wandb login` or set WANDB_API_KEY, or "
+                    "log offline (logger.mode=offline) and `wandb sync` the run directory later",
+                ),
             ]
         )
+
+
+def wandb_credentials() -> str | None:
+    """Where W&B would find an API key (as `wandb login` leaves it), or None: the
+    WANDB_API_KEY or WANDB_IDENTITY_TOKEN_FILE variable, or a netrc entry for the W&B host."""
+    for variable in ("WANDB_API_KEY", "WANDB_IDENTITY_TOKEN_FILE"):
+        if os.environ.get(variable):
+            return variable
+    host = urlsplit(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")).netloc
+    candidates = [os.environ["NETRC"]] if os.environ.get("NETRC") else ["~/.netrc", "~/_netrc"]
+    for name in candidates:
+        path = Path(name).expanduser()
+        try:
+            entry = netrc.netrc(path).authenticators(host)
+        except (OSError, netrc.NetrcParseError):
+            continue
+        if entry and entry[2]:
+            return str(path)
+    return None
 
 
 @dataclass
@@ -224,8 +268,64 @@ def _method_fit(cfg: RunConfig) -> list[str]:
     )
 
 
+def non_finite(node: Any, path: str = "") -> list[str]:
+    """Every float of a config that is inf or nan (`method.lr=inf`), by its key."""
+    if dataclasses.is_dataclass(node):
+        items = [(f.name, getattr(node, f.name)) for f in dataclasses.fields(node)]
+    elif isinstance(node, dict):
+        items = list(node.items())
+    elif isinstance(node, list):
+        return [bad for i, value in enumerate(node) for bad in non_finite(value, f"{path}[{i}]")]
+    else:
+        bad = isinstance(node, float) and not math.isfinite(node)
+        return [f"{path}={node} is not a finite number"] if bad else []
+    prefix = f"{path}." if path else ""
+    return [bad for key, value in items for bad in non_finite(value, f"{prefix}{key}")]
+
+
+def _seeds(cfg: RunConfig) -> list[str]:
+    seeds = {"seed": cfg.seed, **{f"task.{k}": getattr(cfg.task, k) for k in SEED_KEYS}}
+    return [
+        f"{key}={value} must lie in [0, 2**32)"
+        for key, value in seeds.items()
+        if not 0 <= value < SEED_RANGE
+    ]
+
+
+def check_overrides(cfg: RunConfig, overrides: Iterable[str]) -> None:
+    """Raise ConfigError for a task key set on the command line (or in `run_config`'s
+    overrides) that the model's family does not read, e.g. task.k on OPT: a recipe may set both
+    families' keys, but a key the user sets must take effect. (A model whose family is read
+    from its checkpoint is checked once the runner knows it.)"""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    family = cfg.model.family
+    if family not in FAMILIES:
+        return
+    ignored = {
+        f"task.{key}": other
+        for other in FAMILIES
+        if other != family
+        for key in FAMILY_TASK_KEYS[other]
+    }
+    parsed = OverridesParser.create().parse_overrides(list(overrides))
+    bad = [
+        f"{o.input_line} is not used on a {family} model (model {cfg.model.name}), which "
+        f"follows {PROTOCOLS[family]}; {o.key_or_group} belongs to "
+        f"{PROTOCOLS[ignored[o.key_or_group]]} of {ignored[o.key_or_group]} models"
+        for o in parsed
+        if o.key_or_group in ignored and not o.is_delete()
+    ]
+    if bad:
+        raise ConfigError("Invalid configuration: " + "; ".join(bad) + ".")
+
+
 def validate(cfg: RunConfig) -> None:
-    """Check values that a schema cannot; raise ConfigError naming the value and the choices."""
+    """Check values that a schema cannot; raise ConfigError naming the value and the choices.
+    Device and logger settings are checked here too, so they fail before a model loads."""
+    from lozo_exp.data import file_problem
+    from lozo_exp.tracking import device_problems
+
     t, mo, tr = cfg.task, cfg.model, cfg.trainer
     bad = failing(
         [
@@ -277,13 +377,22 @@ def validate(cfg: RunConfig) -> None:
                 f"trainer.max_grad_norm={tr.max_grad_norm} must be > 0 (or null: no clipping)",
             ),
             (mo.max_length >= 8, f"model.max_length={mo.max_length} is too small (>= 8)"),
+            (
+                t.data_dir is None or mo.family != "causal",
+                f"task.data_dir={t.data_dir} is not used on a causal model: it names an LM-BFF "
+                f"k-shot split directory (masked models)",
+            ),
         ]
     )
+    if infinite := non_finite(cfg):  # range checks of an inf or nan would only repeat it
+        raise ConfigError("Invalid configuration: " + "; ".join(infinite) + ".")
+    bad += _seeds(cfg)
     bad += _method_fit(cfg)
     bad += cfg.method.check(cfg)
     bad += cfg.logger.check()
     for split, path in vars(t.data_files).items():
-        if path is not None and not Path(path).expanduser().is_file():
-            bad.append(f"task.data_files.{split}={path!r} does not exist")
+        if path is not None and (problem := file_problem(Path(path).expanduser())):
+            bad.append(f"task.data_files.{split}: {problem}")
+    bad += device_problems(tr.device)
     if bad:
         raise ConfigError("Invalid configuration: " + "; ".join(bad) + ".")

@@ -2,16 +2,26 @@
 
 A directory *holds a run* when it has `metrics.jsonl`, or a `results.json` whose status is not
 "rejected" (a run refused before it started, for a bad config or missing data, leaves its
-directory free to reuse). `check_output_dir` is the one place that decides it; the entry
-module applies it before Hydra writes anything (`lozo_exp.cli.StartGuard`). `SweepSummary`
-reports a sweep's jobs at its end; `job_dirname` names job directories by their values.
+directory free to reuse), or while another process's run uses it. `check_output_dir` is the one
+place that decides it. A run *claims* its directory atomically before anything is written
+(`claim_run_dir`: an exclusive lock on `<dir>/.lozo-lock`, held until the run ends, released by
+the kernel if the process dies), so of two runs started together into one directory, one gets
+a clear error. The entry module claims before Hydra writes anything (`lozo_exp.cli.StartGuard`;
+a sweep claims its directory). `SweepSummary` reports a sweep's jobs at its end; `job_dirname`
+names job directories by their values.
 """
 
 from __future__ import annotations
 
+import atexit
 import contextlib
+import fcntl
 import json
 import os
+import socket
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -28,10 +38,11 @@ METRICS = "metrics.jsonl"
 REJECTED = "rejected"
 FINISHED = ("completed", "diverged")  # a sweep with a job in any other state exits non-zero
 CONFIG_GROUPS = ("model", "task", "method", "trainer")  # results.json's `<group>_config` keys
+LOCK = ".lozo-lock"  # locked by the process whose run uses the directory; says which one
 
 
 class RunDirTaken(ConfigError):
-    """The output directory already holds a run."""
+    """The output directory already holds a run, or another run is using it."""
 
 
 def _read_results(directory: Path) -> dict[str, Any]:
@@ -59,15 +70,139 @@ def run_record(directory: Path) -> str | None:
     return RESULTS if status not in (None, REJECTED) else None
 
 
+# -- claiming a directory ----------------------------------------------------------------------
+
+_HELD: dict[Path, int] = {}  # directories this process has claimed -> their lock's descriptor
+
+
+def _key(directory: Path) -> Path:
+    return Path(os.path.abspath(directory))
+
+
+def _lock(path: Path) -> int | None:
+    """A descriptor of `path` holding its exclusive lock, or None when another process holds
+    it. (Where the file system has no flock, creating the file is the claim.)"""
+    while True:
+        try:
+            fd, created = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644), True
+        except FileExistsError:
+            try:
+                fd, created = os.open(path, os.O_RDWR), False
+            except FileNotFoundError:
+                continue  # released meanwhile
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            return None
+        except OSError:  # no flock here
+            if created:
+                return fd
+            os.close(fd)
+            return None
+        try:
+            if os.stat(path).st_ino == os.fstat(fd).st_ino:
+                return fd
+        except FileNotFoundError:
+            pass
+        os.close(fd)  # its holder released and removed it before we locked it: again
+
+
+def _user(directory: Path) -> str:
+    """Who holds the directory's lock, as its file says."""
+    try:
+        info = json.loads((directory / LOCK).read_text())
+        return f"process {info['pid']} on {info['host']}, started {info['started']}"
+    except (OSError, ValueError, KeyError, TypeError):
+        return f"a process that holds {directory / LOCK}"
+
+
+def _in_use(directory: Path) -> bool:
+    """Whether another process's run holds `directory` (its lock file is locked)."""
+    if _key(directory) in _HELD:
+        return False
+    try:
+        fd = os.open(directory / LOCK, os.O_RDONLY)
+    except OSError:
+        return False  # no lock file
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:  # locked; or no flock here, where the file itself is the claim
+        return True
+    finally:
+        os.close(fd)
+    return False  # left by a run that ended without removing it: nobody uses the directory
+
+
 def check_output_dir(out_dir: Path, setting: str = "hydra.run.dir") -> None:
-    """Refuse a directory that holds a run: a run never overwrites another. (The one check;
-    claiming the directory atomically belongs here too.)"""
+    """Refuse a directory that holds a run or that another run uses: a run never overwrites
+    another. (The one check; `claim_run_dir` makes it atomic.)"""
+    if _in_use(out_dir):
+        raise RunDirTaken(
+            f"output directory {out_dir} is in use by another run ({_user(out_dir)}); a run "
+            f"never overwrites another: choose a new {setting}"
+        )
     record = run_record(out_dir)
     if record is not None:
         raise RunDirTaken(
             f"output directory {out_dir} already holds a run ({out_dir / record}); a run never "
             f"overwrites another: choose a new {setting}"
         )
+
+
+def claim_run_dir(out_dir: Path, setting: str = "hydra.run.dir", resume: bool = False) -> None:
+    """Claim `out_dir` for this process's run, atomically, before anything is written there:
+    a run started meanwhile by another process into the same directory gets RunDirTaken, and
+    so does a directory that holds a run (unless `resume`: the run it holds is continued).
+    Claiming a directory this process holds checks it again. Held until `release_run_dir` or
+    the process ends."""
+    key = _key(out_dir)
+    acquired = key not in _HELD
+    if acquired:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        fd = _lock(out_dir / LOCK)
+        if fd is None:
+            raise RunDirTaken(
+                f"output directory {out_dir} is in use by another run ({_user(out_dir)}); a "
+                f"run never overwrites another: choose a new {setting}"
+            )
+        _HELD[key] = fd
+        user = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.ctime()}
+        os.ftruncate(fd, 0)
+        os.write(fd, json.dumps(user).encode())
+    if not resume:
+        try:
+            check_output_dir(out_dir, setting)
+        except RunDirTaken:
+            if acquired:
+                release_run_dir(out_dir)
+            raise
+
+
+def release_run_dir(out_dir: Path) -> None:
+    """Give up this process's claim on `out_dir` (nothing when it holds none)."""
+    fd = _HELD.pop(_key(out_dir), None)
+    if fd is not None:
+        (out_dir / LOCK).unlink(missing_ok=True)
+        os.close(fd)
+
+
+@contextmanager
+def claimed(out_dir: Path, setting: str = "hydra.run.dir", resume: bool = False) -> Iterator[None]:
+    """`claim_run_dir` for the block, released at its end unless it was held before."""
+    held = _key(out_dir) in _HELD
+    claim_run_dir(out_dir, setting, resume)
+    try:
+        yield
+    finally:
+        if not held:
+            release_run_dir(out_dir)
+
+
+@atexit.register
+def _release_all() -> None:
+    for directory in list(_HELD):
+        release_run_dir(directory)
 
 
 def hyperparameters(cfg: RunConfig) -> dict[str, Any]:

@@ -24,16 +24,11 @@ from torch import nn
 from lozo_exp.adapter import Adapter, adapter_class, load_task
 from lozo_exp.config import ConfigError, RunConfig, validate
 from lozo_exp.data import Row, Splits
+from lozo_exp.datacheck import check_data_files
 from lozo_exp.methods import METHODS, Method, build_method
 from lozo_exp.models import dtype_on, load_model, load_tokenizer, resolve_model
-from lozo_exp.outputs import check_output_dir, hyperparameters, run_name
-from lozo_exp.tracking import (
-    MetricsLog,
-    Progress,
-    peak_memory_mb,
-    resolve_device,
-    synchronize,
-)
+from lozo_exp.outputs import check_output_dir, claimed, hyperparameters, run_name
+from lozo_exp.tracking import MetricsLog, Progress, peak_memory_mb, resolve_device, synchronize
 
 log = logging.getLogger(__name__)
 
@@ -108,7 +103,8 @@ class Runner:
         family = cfg.model.family
         task = load_task(family, cfg.task.name)
         adapter_cls: type[Adapter] = adapter_class(family)
-        self.splits: Splits = adapter_cls.build_splits(task, cfg.task)
+        check_data_files(cfg.task, adapter_cls.data_splits(task), family)
+        self.splits: Splits = adapter_cls.build_splits(task, cfg.task)  # read and checked
         log.info(
             "data: %d train, %d dev; test sets: %s",
             len(self.splits.train),
@@ -198,15 +194,26 @@ class Runner:
                 metrics.write({**record, **extra})  # extra: the last step's (e.g. its g)
                 losses, times = [], []
             if not math.isfinite(loss):
-                raise TrainingDiverged(
-                    f"the training loss became {loss} at step {state.step} (method "
-                    f"{self.cfg.method.name}, lr {self.cfg.method.lr}, model.dtype "
-                    f"{self.cfg.model.dtype}); the run stopped. Try a smaller method.lr or "
-                    f"model.dtype=float32/bfloat16. Logged steps are in metrics.jsonl."
-                )
+                raise TrainingDiverged(self._diverged(loss))
             progress.update(state.step, f"loss {loss:.4f}")
             if state.step % self.eval_steps == 0 or state.step == self.max_steps:
                 self.evaluate_dev(metrics)
+
+    def _diverged(self, loss: float) -> str:
+        m, dtype = self.cfg.method, self.cfg.model.dtype
+        eps = getattr(m, "eps", None)  # zeroth-order methods: the perturbation scale
+        setting = f"method {m.name}, lr {m.lr}" + (f", eps {eps}" if eps is not None else "")
+        advice = "a smaller method.lr"
+        if eps is not None:
+            advice += (
+                ", a method.eps the weights' precision resolves (in float16, eps well below "
+                "1e-3 makes the two losses differ by rounding only and g blows up)"
+            )
+        return (
+            f"the training loss became {loss} at step {self.state.step} ({setting}, "
+            f"model.dtype {dtype}); the run stopped. Try {advice}, or model.dtype=float32/"
+            f"bfloat16. Logged steps are in metrics.jsonl."
+        )
 
     def evaluate_dev(self, metrics: MetricsLog) -> dict[str, float]:
         state, metric, tr = self.state, self.adapter.task.metric, self.cfg.trainer
@@ -291,6 +298,7 @@ def _fmt(scores: dict[str, float]) -> str:
 
 
 def run(cfg: RunConfig, out_dir: Path) -> dict[str, Any]:
-    """Train (unless the method is evaluation-only), test, and write results.json."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    return Runner(cfg, out_dir).run()
+    """Train (unless the method is evaluation-only), test, and write results.json, in a
+    directory claimed for this run (`outputs.claim_run_dir`)."""
+    with claimed(out_dir):
+        return Runner(cfg, out_dir).run()

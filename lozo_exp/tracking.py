@@ -16,9 +16,11 @@ from typing import Any, Protocol
 
 import torch
 
-from lozo_exp.config import LoggerConfig
+from lozo_exp.config import ConfigError, LoggerConfig
 
 log = logging.getLogger(__name__)
+
+DEVICES = "auto, cpu, cuda, cuda:N or mps"
 
 PROC_STATUS = Path("/proc/self/status")  # Linux: VmHWM, the peak resident memory
 PROC_CLEAR_REFS = Path("/proc/self/clear_refs")  # writing 5 resets VmHWM
@@ -139,12 +141,18 @@ class MetricsLog:
     what was logged, and sends the same records to the loggers the config asks for."""
 
     def __init__(self, out_dir: Path, cfg: LoggerConfig, run_name: str, config: dict[str, Any]):
-        self.file = (out_dir / "metrics.jsonl").open("a")
-        self.sinks: list[Sink] = []
+        self.sinks: list[Sink] = []  # first: a W&B that cannot start leaves no metrics.jsonl
         if cfg.wandb:
-            self.sinks.append(WandbSink(cfg, out_dir, run_name, config))
+            try:
+                self.sinks.append(WandbSink(cfg, out_dir, run_name, config))
+            except Exception as err:  # wandb's own errors (login, network, settings)
+                raise ConfigError(
+                    f"logger=wandb could not start ({type(err).__name__}: {err}); check "
+                    f"logger.mode and your W&B login, or use logger=local"
+                ) from err
         if cfg.tensorboard:
             self.sinks.append(TensorBoardSink(out_dir, config))
+        self.file = (out_dir / "metrics.jsonl").open("a")
 
     def write(self, record: dict[str, Any]) -> None:
         self.file.write(json.dumps(record) + "\n")
@@ -160,6 +168,30 @@ class MetricsLog:
         summary = run_summary(results or {})
         for sink in self.sinks:
             sink.finish(summary)
+
+
+def device_problems(name: str) -> list[str]:
+    """A `trainer.device` this machine does not have, found before the model loads."""
+    if name == "auto":
+        return []
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        return [f"trainer.device={name!r} is not a device; use {DEVICES}"]
+    if device.type == "cuda":
+        count = torch.cuda.device_count()
+        if count == 0:
+            return [
+                f"trainer.device={name} but no CUDA GPU is visible to torch here: use "
+                f"trainer.device=cpu (or auto: cuda when available)"
+            ]
+        if device.index is not None and device.index >= count:
+            return [f"trainer.device={name} but {count} GPU(s) are visible: cuda:0..{count - 1}"]
+    elif device.type == "mps" and not torch.backends.mps.is_available():
+        return [f"trainer.device={name} but MPS is not available here: use trainer.device=cpu"]
+    elif device.type not in ("cpu", "cuda", "mps"):
+        return [f"trainer.device={name!r} is not supported; use {DEVICES}"]
+    return []
 
 
 def resolve_device(name: str) -> torch.device:

@@ -17,7 +17,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from lozo_exp import cli, outputs
-from lozo_exp.config import ConfigError
+from lozo_exp.config import ConfigError, check_overrides
 
 log = logging.getLogger("lozo_exp")
 
@@ -31,22 +31,31 @@ def train(dict_cfg: DictConfig) -> float | None:
     if os.environ.get("HF_HUB_OFFLINE") == "1":
         log.info("HF_HUB_OFFLINE=1: reading only local files and the hub cache")
     cfg = None
+    multirun = hydra_cfg.mode == RunMode.MULTIRUN
     try:
+        # A single run's directory was claimed before Hydra wrote to it (StartGuard); a sweep
+        # job's is claimed here. Released once the job's results are written.
+        outputs.claim_run_dir(out_dir, "hydra.sweep.dir" if multirun else "hydra.run.dir")
         cfg = cli.to_object(dict_cfg)
-        if hydra_cfg.mode == RunMode.MULTIRUN and cfg.logger.group is None:
+        if multirun and cfg.logger.group is None:
             cfg.logger.group = outputs.run_name(Path(hydra_cfg.sweep.dir))  # shared by its jobs
-        from lozo_exp.runner import run  # torch: only once a job runs
+        from lozo_exp.models import resolve_model  # torch: only once a job runs
+        from lozo_exp.runner import run
 
+        cfg.model = resolve_model(cfg.model)  # a family read from the checkpoint is known
+        check_overrides(cfg, hydra_cfg.overrides.task)
         results = run(cfg, out_dir)
     except Exception as err:
         outputs.record_failure(out_dir, err, cfg)
+        outputs.release_run_dir(out_dir)
         status = outputs.read_status(out_dir)
-        if hydra_cfg.mode == RunMode.MULTIRUN:
+        if multirun:
             log.error("job %d %s (%s): %s", hydra_cfg.job.num, status, out_dir, err)
             return None  # the sweep goes on
         if isinstance(err, ConfigError) or status == "diverged":
             cli.fail(err)  # one paragraph; a crash keeps its traceback
         raise
+    outputs.release_run_dir(out_dir)
     log.info("results: %s", out_dir / outputs.RESULTS)
     print(f"Results are in {out_dir}: results.json, metrics.jsonl, .hydra/")
     dev = results.get("dev") or {}

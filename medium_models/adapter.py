@@ -61,6 +61,10 @@ class MaskedLMAdapter(Adapter):
         self.lm_head = mlm_head(net, self.encoder)
 
     @staticmethod
+    def data_splits(task: PromptTask) -> tuple[str, ...]:
+        return ("train", *task.eval_splits.values())
+
+    @staticmethod
     def build_splits(task: PromptTask, cfg: TaskConfig) -> Splits:
         return kshot_splits(task, cfg)
 

@@ -15,8 +15,9 @@ from conftest import compose_config
 
 from lozo_exp.adapter import available_tasks, load_task
 from lozo_exp.config import TaskConfig, validate
-from lozo_exp.data import DataUnavailable
+from lozo_exp.data import DataError
 from medium_models.kshot import (
+    BUILDER,
     MINIATURE,
     build_split,
     kshot_splits,
@@ -108,7 +109,7 @@ def test_k_beyond_the_source_warns_with_the_shortfall(caplog):
 
 def test_run_refuses_a_split_without_dev():
     cfg = TaskConfig(name="rte", hub_id="aps/super_glue", source="sample", k=16)
-    with pytest.raises(DataUnavailable, match=r"0 dev examples.*lower task\.k"):
+    with pytest.raises(DataError, match=r"has no dev examples.*lower task\.k"):
         kshot_splits(load_task("masked", "rte"), cfg)
 
 
@@ -136,7 +137,9 @@ def test_cli_builds_from_the_archive(tmp_path, capsys):
                 folder = tmp_path / "k-shot-1k-test" / archive / f"{k}-{seed}"
                 assert {p.name for p in folder.iterdir()} == files | {"kshot_source.json"}
                 record = json.loads((folder / "kshot_source.json").read_text())
-                assert record["source"].startswith("LM-BFF archive") and record["k"] == k
+                assert record["source"]["description"].startswith("LM-BFF archive")
+                assert (record["k"], record["seed"], record["builder"]) == (k, seed, BUILDER)
+                assert set(record["files"]) == files  # each file's sha256
     task, original = miniature("trec")
     built = (tmp_path / "k-shot-1k-test" / "trec" / "4-87" / "train.csv").read_text()
     assert built == build_split(task, original, 4, 87)["train.csv"]
@@ -158,7 +161,8 @@ def test_run_builds_from_hub_rows_on_first_use_then_reads(tmp_path, caplog):
         first = kshot_splits(task, cfg)
     folder = tmp_path / "k-shot-1k-test" / "SST-2" / "2-13"
     assert "built from the local files" in caplog.text and str(folder) in caplog.text
-    assert json.loads((folder / "kshot_source.json").read_text())["source"].startswith("local")
+    record = json.loads((folder / "kshot_source.json").read_text())
+    assert record["source"]["description"].startswith("local files")
     assert Counter(map(task.label, first.train)) == {"0": 2, "1": 2}
     caplog.clear()
     with caplog.at_level(logging.INFO):
@@ -173,7 +177,6 @@ def test_hub_rows_map_to_archive_labels():
     assert rte.from_hub(row) == (["It rains.", "It is wet."], "not_entailment")
     assert rte.from_hub({**row, "label": 0})[1] == "entailment"
     assert rte.from_hub({**row, "label": "entailment"})[1] == "entailment"  # GLUE-style text
-    assert snli.from_hub({**row, "label": -1}) is None  # no gold label
     assert snli.from_hub({**row, "label": 2})[1] == "contradiction"
     # CogComp/trec coarse labels ABBR, ENTY, DESC, HUM, LOC, NUM -> LM-BFF's 2, 1, 0, 3, 4, 5.
     words = [trec.label_words[trec.from_hub({"text": "?", "coarse_label": i})[1]] for i in range(6)]

@@ -99,8 +99,16 @@ def test_a_run_reads_the_split_directory_named_by_data_dir(run_dir, tmp_path, ca
     folder = tmp_path / "k-shot-1k-test" / "trec" / "3-21"
     with caplog.at_level("INFO"):
         results = run_overrides(
-            run_dir, *FAST, "task=trec", "method=mezo", f"task.data_dir={folder}"
+            run_dir,
+            *FAST,
+            "task=trec",
+            "method=mezo",
+            f"task.data_dir={folder}",
+            "task.k=3",
+            "task.data_seed=21",
         )
-    assert f"k-shot split {folder} (built from bundled miniature LM-BFF archive)" in caplog.text
+    assert (
+        f"k-shot split {folder} (yours, built from bundled miniature LM-BFF archive)" in caplog.text
+    )
     assert "data: 18 train, 18 dev; test sets: test 9" in caplog.text
     assert results["status"] == "completed"

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from lozo_exp.data import Row
+from lozo_exp.datacheck import NO_GOLD, Schema, integer_label, label_set, show
 
 
 @dataclass(frozen=True)
@@ -45,10 +46,26 @@ class CausalTask(ABC):
     objective: ClassVar[str] = "classification"
     # Evaluated by greedy generation and F1/EM instead of by scoring the options.
     generation: ClassVar[bool] = False
+    # The columns `render` reads (the hub dataset's) and the type of their values; None: the
+    # gold, checked by `check_row` (README "Your own data" lists them).
+    columns: ClassVar[dict[str, type | None]]
 
     @abstractmethod
     def render(self, row: Row) -> Prompted:
         """The example as context and options, in the published template."""
+
+    @abstractmethod
+    def check_row(self, row: Row) -> str | None:
+        """What is wrong with the row's values beyond their types (NO_GOLD: it has no gold)."""
+
+    @property
+    @abstractmethod
+    def gold(self) -> str:
+        """What a valid gold answer is, in words."""
+
+    @property
+    def schema(self) -> Schema:
+        return Schema(f"{self.name} (causal)", self.columns, self.check_row, self.gold)
 
 
 class LabelTask(CausalTask):
@@ -63,6 +80,13 @@ class LabelTask(CausalTask):
     def label(self, row: Row) -> int:
         return int(row["label"])
 
+    def check_row(self, row: Row) -> str | None:
+        return integer_label(row["label"], self.words)
+
+    @property
+    def gold(self) -> str:
+        return f"label is one of {label_set(self.words)}, or -1 for no gold"
+
     def render(self, row: Row) -> Prompted:
         return Prompted(self.prompt(row), self.words, self.label(row))
 
@@ -74,14 +98,31 @@ class GenerationTask(CausalTask):
     metric = "f1"
     objective = "lm"
     generation = True
+    # The gold answers: the list `answer_field` of the object column `answer_column`.
+    answer_column: ClassVar[str]
+    answer_field: ClassVar[str]
 
     @abstractmethod
     def prompt(self, row: Row) -> str:
         """The prompt, ending in "Answer:"."""
 
-    @abstractmethod
     def answers(self, row: Row) -> list[str]:
         """The gold answers (the first is the training target)."""
+        return list(row[self.answer_column][self.answer_field])
+
+    def check_row(self, row: Row) -> str | None:
+        golds = row[self.answer_column].get(self.answer_field)
+        if not isinstance(golds, list) or not all(isinstance(g, str) for g in golds):
+            field = f"{self.answer_column}[{self.answer_field!r}]"
+            return f"{field} {show(golds)} is not a list of texts"
+        return None if golds else NO_GOLD
+
+    @property
+    def gold(self) -> str:
+        return (
+            f"{self.answer_column} is an object whose {self.answer_field!r} lists the gold "
+            f"answers (an empty list: no gold)"
+        )
 
     def render(self, row: Row) -> Prompted:
         golds = tuple(self.answers(row))

@@ -8,6 +8,8 @@ from lozo_exp.data import Row
 class BoolQ(LabelTask):
     name = "boolq"
     words = ("Yes", "No")
+    columns = {"question": str, "passage": str, "answer": bool}
+    gold = "answer is true or false"
 
     def prompt(self, row: Row) -> str:
         question = row["question"]
@@ -17,6 +19,9 @@ class BoolQ(LabelTask):
 
     def label(self, row: Row) -> int:
         return 0 if row["answer"] else 1
+
+    def check_row(self, row: Row) -> str | None:
+        return None  # the column's type says it all
 
 
 TASK = BoolQ()

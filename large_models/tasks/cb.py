@@ -8,6 +8,7 @@ from lozo_exp.data import Row
 class CB(LabelTask):
     name = "cb"
     words = ("Yes", "No", "Maybe")
+    columns = {"premise": str, "hypothesis": str, "label": None}
 
     def prompt(self, row: Row) -> str:
         return (

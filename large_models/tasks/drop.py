@@ -7,12 +7,11 @@ from lozo_exp.data import Row
 
 class DROP(GenerationTask):
     name = "drop"
+    columns = {"passage": str, "question": str, "answers_spans": dict}
+    answer_column, answer_field = "answers_spans", "spans"
 
     def prompt(self, row: Row) -> str:
         return f"Passage: {row['passage']}\nQuestion: {row['question'].strip()}\nAnswer:"
-
-    def answers(self, row: Row) -> list[str]:
-        return list(row["answers_spans"]["spans"])
 
 
 TASK = DROP()

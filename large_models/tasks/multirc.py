@@ -8,6 +8,7 @@ from lozo_exp.data import Row
 class MultiRC(LabelTask):
     name = "multirc"
     words = ("No", "Yes")
+    columns = {"paragraph": str, "question": str, "answer": str, "label": None}
 
     def prompt(self, row: Row) -> str:
         return (

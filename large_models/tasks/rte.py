@@ -8,6 +8,7 @@ from lozo_exp.data import Row
 class RTE(LabelTask):
     name = "rte"
     words = ("Yes", "No")
+    columns = {"premise": str, "hypothesis": str, "label": None}
 
     def prompt(self, row: Row) -> str:
         return f'{row["premise"]}\nDoes this mean that "{row["hypothesis"]}" is true? Yes or No?\n'

@@ -7,15 +7,14 @@ from lozo_exp.data import Row
 
 class SQuAD(GenerationTask):
     name = "squad"
+    columns = {"title": str, "context": str, "question": str, "answers": dict}
+    answer_column, answer_field = "answers", "text"
 
     def prompt(self, row: Row) -> str:
         return (
             f"Title: {row['title']}\nContext: {row['context']}\n"
             f"Question: {row['question'].strip()}\nAnswer:"
         )
-
-    def answers(self, row: Row) -> list[str]:
-        return list(row["answers"]["text"])
 
 
 TASK = SQuAD()

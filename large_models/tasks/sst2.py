@@ -7,6 +7,7 @@ from lozo_exp.data import Row
 class SST2(LabelTask):
     name = "sst2"
     words = (" terrible", " great")
+    columns = {"sentence": str, "label": None}
 
     def prompt(self, row: Row) -> str:
         return f"{row['sentence'].strip()} It was"

@@ -7,6 +7,7 @@ from lozo_exp.data import Row
 class WiC(LabelTask):
     name = "wic"
     words = ("No", "Yes")
+    columns = {"word": str, "sentence1": str, "sentence2": str, "label": None}
 
     def prompt(self, row: Row) -> str:
         return (

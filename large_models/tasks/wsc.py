@@ -8,6 +8,7 @@ from lozo_exp.data import Row
 class WSC(LabelTask):
     name = "wsc"
     words = ("No", "Yes")
+    columns = {"text": str, "span1_text": str, "span2_text": str, "label": None}
 
     def prompt(self, row: Row) -> str:
         return (

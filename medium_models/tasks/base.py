@@ -8,10 +8,10 @@ columns are named as in the archive (GLUE TSV header names, or `sentence` for th
 
 from __future__ import annotations
 
-import math
 from typing import ClassVar
 
 from lozo_exp.data import Row
+from lozo_exp.datacheck import NO_GOLD, Schema, show
 
 
 class PromptTask:
@@ -36,23 +36,48 @@ class PromptTask:
     hub_labels: ClassVar[tuple[str, ...]]
 
     def sentences(self, row: Row) -> list[str]:
-        """The text columns; a missing text (NaN in a CSV) is empty, as LM-BFF reads it."""
-        return ["" if _missing(row[c]) else str(row[c]) for c in self.text_columns]
+        return [row[c] for c in self.text_columns]
 
     def label(self, row: Row) -> str:
         return row["label"]
 
-    def from_hub(self, row: Row) -> tuple[list[str], str] | None:
-        """Texts and archive label of a hub row; None for a row without a gold label (-1)."""
-        value = row[self.hub_label_column]
-        if isinstance(value, str) and value in self.label_words:  # already an archive label
-            label = value
-        elif 0 <= int(value) < len(self.hub_labels):
-            label = self.hub_labels[int(value)]
-        else:
+    @property
+    def archive_schema(self) -> Schema:
+        """Rows of the LM-BFF archive's files and of k-shot split files."""
+        labels = ", ".join(map(repr, self.label_words))
+
+        def check(row: Row) -> str | None:
+            if row["label"] not in self.label_words:
+                return f"label {show(row['label'])} is not one of {labels}"
             return None
-        return [str(row[c]) for c in self.hub_text_columns], label
 
+        columns = {**dict.fromkeys(self.text_columns, str), "label": None}
+        return Schema(f"{self.name} (LM-BFF format)", columns, check, f"label is one of {labels}")
 
-def _missing(value: object) -> bool:
-    return value is None or (isinstance(value, float) and math.isnan(value))
+    @property
+    def hub_schema(self) -> Schema:
+        """Rows of the hub dataset (or `task.data_files` in its columns): the label is the hub's
+        class number, or the archive's label text."""
+        column = self.hub_label_column
+        numbers = ", ".join(f"{i} ({self.label_words[a]})" for i, a in enumerate(self.hub_labels))
+        texts = ", ".join(map(repr, self.label_words))
+
+        def check(row: Row) -> str | None:
+            value = row[column]
+            if isinstance(value, str) and value in self.label_words:
+                return None
+            if value == -1 and type(value) is int:
+                return NO_GOLD
+            if type(value) is not int or not 0 <= value < len(self.hub_labels):
+                return f"{column} {show(value)} is not one of {numbers}, nor of {texts}"
+            return None
+
+        columns = {**dict.fromkeys(self.hub_text_columns, str), column: None}
+        gold = f"{column} is one of {numbers}, or of {texts}, or -1 for no gold"
+        return Schema(f"{self.name} (masked)", columns, check, gold)
+
+    def from_hub(self, row: Row) -> tuple[list[str], str]:
+        """Texts and archive label of a hub row with a gold label (checked by `hub_schema`)."""
+        value = row[self.hub_label_column]
+        label = value if isinstance(value, str) else self.hub_labels[value]
+        return [row[c] for c in self.hub_text_columns], label
