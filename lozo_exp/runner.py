@@ -206,8 +206,8 @@ class Runner:
         advice = "a smaller method.lr"
         if eps is not None:
             advice += (
-                ", a method.eps the weights' precision resolves (in float16, eps well below "
-                "1e-3 makes the two losses differ by rounding only and g blows up)"
+                ", a method.eps the weights' precision resolves (in float16, an eps far below "
+                "the published 1e-3 leaves the two losses differing by rounding, and g blows up)"
             )
         return (
             f"the training loss became {loss} at step {self.state.step} ({setting}, "

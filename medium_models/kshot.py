@@ -462,6 +462,8 @@ def load_original(task: PromptTask, cfg: TaskConfig, source: str = "auto") -> Or
 
 def _user_split(task: PromptTask, cfg: TaskConfig, folder: Path) -> Splits:
     """The split directory the user named (task.data_dir): read, never written."""
+    if not folder.is_dir():
+        raise DataError(f"task.data_dir={folder} is a file: name a k-shot split directory")
     record = _read_record(folder)
     if record is not None:  # the source is the directory's own; the run's keys must match
         planned = {"task": task.name, "k": cfg.k, "seed": cfg.data_seed, "test_cap": cfg.test_cap}

@@ -75,8 +75,9 @@ def test_a_sweep_is_one_directory_with_jobs_named_by_their_values(tmp_path):
 
 @pytest.mark.slow  # a run that diverges, one that crashes, two rejected
 def test_failed_jobs_leave_results_the_sweep_goes_on_and_ends_with_a_summary(tmp_path):
-    # lr 1e30 diverges; lr -1 is rejected before the job starts; no cuda:99 device: a crash.
-    done = cli(tmp_path, "-m", "method.lr=1e30,-1", "trainer.device=cpu,cuda:99", *QUICK)
+    # lr 1e30 diverges; lr -1 is rejected before the job starts; a hidden size the 4 attention
+    # heads do not divide: a crash when the model is built.
+    done = cli(tmp_path, "-m", "method.lr=1e30,-1", "model.arch.hidden_size=64,66", *QUICK)
     assert done.returncode == 1
     (sweep,) = tmp_path.glob("multirun/*/*")
     jobs = {name.split("_")[0]: results for name, results in job_results(sweep).items()}
@@ -110,6 +111,27 @@ def test_a_rejected_run_leaves_its_directory_free_and_a_run_is_never_overwritten
         f"never overwrites another: choose a new hydra.run.dir"
     )
     assert snapshot(run_dir) == before  # .hydra/config.yaml and overrides.yaml included
+
+
+@pytest.mark.slow  # two real runs at once
+def test_two_runs_started_together_into_one_directory_one_is_refused(tmp_path):
+    run_dir = tmp_path / "run"
+    args = [sys.executable, "-m", "lozo_exp", *QUICK, f"hydra.run.dir={run_dir}"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    procs = [
+        subprocess.Popen(args, cwd=tmp_path, env=env, stderr=subprocess.PIPE, text=True)
+        for _ in range(2)
+    ]
+    done = [(proc.wait(timeout=600), proc.stderr.read()) for proc in procs]
+    assert sorted(code for code, _ in done) == [0, 1]
+    refused = next(err for code, err in done if code == 1).strip().splitlines()[-1]
+    assert re.match(
+        rf"lozo-exp: output directory {run_dir} (is in use by another run|alr)", refused
+    )
+    assert json.loads((run_dir / "results.json").read_text())["status"] == "completed"
+    finals = [r for r in map(json.loads, (run_dir / "metrics.jsonl").open()) if "status" in r]
+    assert len(finals) == 1  # one run's records
+    assert not (run_dir / ".lozo-lock").exists()
 
 
 def test_a_run_refuses_a_directory_that_holds_a_run_before_writing_anything(tmp_path):

@@ -206,3 +206,94 @@ def test_mnli_builds_both_test_sets_from_local_hub_files(tmp_path):
     assert list(splits.test) == ["test_matched", "test_mismatched"]
     assert len(splits.train) == 6 and len(splits.test["test_mismatched"]) == 12
     assert splits.train[0]["sentence1"].startswith("Premise")
+
+
+def _files_config(tmp_path, train: Path, **overrides) -> TaskConfig:
+    return task_config(
+        "sst2",
+        lmbff_root=str(tmp_path / "data"),
+        k=2,
+        data_files={"train": str(train), "validation": str(SAMPLES / "sst2" / "validation.jsonl")},
+        **overrides,
+    )
+
+
+def test_a_cached_split_is_rebuilt_when_its_source_changed(tmp_path, caplog):
+    train = tmp_path / "train.jsonl"
+    shutil.copy(SAMPLES / "sst2" / "train.jsonl", train)
+    task, cfg = load_task("masked", "sst2"), _files_config(tmp_path, train)
+    first = kshot_splits(task, cfg)
+    folder = tmp_path / "data" / "k-shot-1k-test" / "SST-2" / "2-13"
+    record = json.loads((folder / "kshot_source.json").read_text())
+    digest = hashlib.sha256(train.read_bytes()).hexdigest()
+    assert record["source"]["inputs"]["train"] == {
+        "path": str(train),
+        "size": train.stat().st_size,
+        "sha256": digest,
+    }
+    assert record["source"]["inputs"]["validation"]["size"] > 0
+    train.write_text(train.read_text().replace("movie", "film"))  # the user fixes their file
+    with caplog.at_level(logging.WARNING):
+        again = kshot_splits(task, cfg)
+    assert f"k-shot split {folder} is stale (train input" in caplog.text
+    assert again.train != first.train and any("film" in r["sentence"] for r in again.train)
+    rebuilt = json.loads((folder / "kshot_source.json").read_text())
+    assert rebuilt["source"]["inputs"]["train"]["sha256"] != digest
+    assert kshot_splits(task, cfg) == again  # and read as it is from now on
+
+
+def test_data_files_are_honoured_whatever_task_source_says(tmp_path):
+    """RoBERTa with `task.source=sample` (the tiny models' default) and data files: the split
+    comes from the files, not from the bundled miniature archive."""
+    rows = [json.loads(line) for line in (SAMPLES / "sst2" / "train.jsonl").open()]
+    train = tmp_path / "mine.jsonl"
+    train.write_text(
+        "".join(json.dumps({**r, "sentence": f"mine {i}"}) + "\n" for i, r in enumerate(rows))
+    )
+    task = load_task("masked", "sst2")
+    splits = kshot_splits(task, _files_config(tmp_path, train, source="sample"))
+    assert all(
+        r["sentence1" if "sentence1" in r else "sentence"].startswith("mine") for r in splits.train
+    )
+
+
+def test_the_cli_keeps_a_split_that_is_up_to_date_and_never_replaces_foreign_files(
+    tmp_path, capsys
+):
+    args = ["--task", "trec", "--k", "2", "--seed", "13", "--source", "sample"]
+    main([*args, "--data-dir", str(tmp_path)])
+    folder = tmp_path / "k-shot-1k-test" / "trec" / "2-13"
+    assert f"{folder}: dev.csv, test.csv, train.csv" in capsys.readouterr().out
+    main([*args, "--data-dir", str(tmp_path)])
+    assert f"{folder}: up to date" in capsys.readouterr().out
+    (folder / "notes.txt").write_text("my notes\n")  # not the suite's: never replaced
+    before = {p.name: p.read_bytes() for p in folder.iterdir()}
+    with pytest.raises(SystemExit):
+        main([*args, "--test-cap", "3", "--data-dir", str(tmp_path)])  # a rebuild, refused
+    assert f"{folder} holds notes.txt, changed or added since" in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
+
+
+def test_the_cli_refuses_to_replace_a_directory_it_did_not_write(tmp_path, capsys):
+    folder = tmp_path / "k-shot-1k-test" / "trec" / "2-13"
+    folder.mkdir(parents=True)
+    (folder / "train.csv").write_text("0,my own split\n")
+    with pytest.raises(SystemExit) as exc:
+        main(
+            [
+                "--task",
+                "trec",
+                "--k",
+                "2",
+                "--seed",
+                "13",
+                "--source",
+                "sample",
+                "--data-dir",
+                str(tmp_path),
+            ]
+        )
+    err = capsys.readouterr().err
+    assert exc.value.code == 1 and f"{folder} holds files and no kshot_source.json" in err
+    assert [p.name for p in folder.iterdir()] == ["train.csv"]
+    assert (folder / "train.csv").read_text() == "0,my own split\n"

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -106,3 +109,67 @@ def test_the_sweep_summary_lists_this_sweeps_jobs_and_fails_unless_all_finished(
         summary.on_multirun_end(config)
     assert exit_.value.code == 1
     assert f"  missing   {tmp_path}/2_new" in capsys.readouterr().out.splitlines()
+
+
+def _holder(directory, *, resume: bool = False) -> subprocess.Popen:
+    """Another process that claims `directory` and holds it until its stdin closes."""
+    code = (
+        "import sys; from pathlib import Path; from lozo_exp import outputs; "
+        f"outputs.claim_run_dir(Path({str(directory)!r}), resume={resume}); "
+        "print('held', flush=True); sys.stdin.read()"
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
+    assert proc.stdout.readline().strip() == "held"
+    return proc
+
+
+def test_a_claimed_directory_is_refused_to_other_processes_until_released(tmp_path):
+    run = tmp_path / "run"
+    holder = _holder(run)
+    try:
+        lock = json.loads((run / outputs.LOCK).read_text())
+        assert lock["pid"] == holder.pid
+        with pytest.raises(
+            outputs.RunDirTaken, match=rf"in use by another run \(process {holder.pid} on"
+        ):
+            outputs.claim_run_dir(run)
+        with pytest.raises(outputs.RunDirTaken, match="in use"):
+            outputs.claim_run_dir(run, resume=True)  # a resume too
+        with pytest.raises(outputs.RunDirTaken, match="in use"):
+            outputs.check_output_dir(run)
+    finally:
+        holder.stdin.close()
+        holder.wait()
+    assert not (run / outputs.LOCK).exists()  # released at its exit
+    outputs.claim_run_dir(run)
+    try:
+        outputs.claim_run_dir(run)  # this process holds it: checked again, not refused
+        (run / outputs.METRICS).write_text("")
+        with pytest.raises(outputs.RunDirTaken, match="already holds a run"):
+            outputs.claim_run_dir(run)  # ... and a run in it is still refused
+        outputs.claim_run_dir(run, resume=True)  # unless resumed
+    finally:
+        outputs.release_run_dir(run)
+    assert not (run / outputs.LOCK).exists()
+
+
+def test_a_lock_left_by_a_killed_run_does_not_block_the_directory(tmp_path):
+    run = tmp_path / "run"
+    holder = _holder(run)
+    holder.kill()  # SIGKILL: no clean-up, the lock file stays; the kernel drops the lock
+    holder.wait()
+    assert (run / outputs.LOCK).exists()
+    assert outputs.run_record(run) is None
+    outputs.check_output_dir(run)
+    with outputs.claimed(run):
+        assert json.loads((run / outputs.LOCK).read_text())["pid"] == os.getpid()
+    assert not (run / outputs.LOCK).exists()
+
+
+def test_a_claim_refused_for_a_run_it_holds_leaves_the_directory_as_it_was(tmp_path):
+    (tmp_path / outputs.RESULTS).write_text(json.dumps({"status": "completed"}))
+    with pytest.raises(outputs.RunDirTaken, match="already holds a run"):
+        outputs.claim_run_dir(tmp_path)
+    assert [p.name for p in tmp_path.iterdir()] == [outputs.RESULTS]

@@ -182,8 +182,10 @@ def test_non_finite_loss_stops_and_keeps_the_log(tmp_path, monkeypatch):
         return real_loss(batch) * (float("nan") if calls[0] > 10 else 1.0)  # step 6 on
 
     monkeypatch.setattr(runner.adapter, "loss", loss)
-    with pytest.raises(TrainingDiverged, match="became nan at step 6"):
+    with pytest.raises(TrainingDiverged, match="became nan at step 6") as err:
         runner.run()
+    assert f"(method lozo, lr {cfg.method.lr}, eps {cfg.method.eps}, model.dtype" in str(err.value)
+    assert "a smaller method.lr, a method.eps the weights' precision resolves" in str(err.value)
     results = json.loads((tmp_path / "results.json").read_text())
     assert results["status"] == "diverged" and results["steps"] == 6
     logged = [r for r in read_metrics(tmp_path) if "loss" in r]
