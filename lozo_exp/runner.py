@@ -155,6 +155,13 @@ class Runner:
             self.cfg.method.batch_size,
             every,
         )
+        if len(self.splits.train) < self.cfg.method.batch_size:  # as the RoBERTa k=16 scripts
+            log.info(
+                "method.batch_size=%d is more than the %d training examples: every step uses "
+                "all of them",
+                self.cfg.method.batch_size,
+                len(self.splits.train),
+            )
         return steps, every
 
     def _memory(self) -> float:

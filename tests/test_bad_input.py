@@ -304,6 +304,9 @@ def no_model(monkeypatch):
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
     monkeypatch.delenv("WANDB_IDENTITY_TOKEN_FILE", raising=False)
     monkeypatch.setenv("NETRC", "/nonexistent/netrc")
+    # The command sets it for its process (quiet progress bars), and `datasets` reads it once,
+    # when imported: set here, it is unset again for the tests that run next.
+    monkeypatch.setenv("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
 
 
 @pytest.mark.parametrize("name", list(CASES))
@@ -401,3 +404,24 @@ def test_the_readme_lists_the_columns_each_task_reads():
         for name in available_tasks("masked")
     }
     assert {key: list(schema.columns) for key, schema in schemas.items()} == listed
+
+
+def test_a_wandb_that_cannot_start_rejects_the_run_and_leaves_the_directory_free(
+    tmp_path, capsys, monkeypatch
+):
+    wandb = pytest.importorskip("wandb")
+
+    def init(**kwargs):
+        raise RuntimeError("api key not configured (no-tty)")
+
+    monkeypatch.setattr(wandb, "init", init)
+    monkeypatch.setenv("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")  # as `no_model` says
+    run_dir = tmp_path / "run"
+    with pytest.raises(SystemExit) as exit_:
+        main(["logger=wandb", "trainer.max_steps=2", f"hydra.run.dir={run_dir}"])
+    assert exit_.value.code == 1
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        "lozo-exp: logger=wandb could not start (RuntimeError: api key not configured "
+        "(no-tty)); check logger.mode and your W&B login, or use logger=local"
+    )
+    assert not (run_dir / "metrics.jsonl").exists() and outputs.run_record(run_dir) is None
