@@ -232,9 +232,9 @@ CASES = {
         {"t.txt": "good .\t1\n"},
     ),
     # -- enough rows
-    "a one-row train split (no dev example)": Case(
+    "a one-row train split (all of it dev, as published)": Case(
         ["task.data_files.train={tmp}/t.jsonl", VALIDATION],
-        r"has no dev examples.*t\.jsonl needs at least 2 rows",
+        r"task sst2 has no training examples: all 1 sampled rows went to dev",
         {"t.jsonl": jsonl(SST2[:1])},
     ),
     "RoBERTa: k beyond the source (no dev example)": Case(
