@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -37,6 +39,21 @@ def run_overrides(out_dir: Path, *overrides: str) -> dict:
 
 def read_metrics(out_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def hold_run_dir(directory: Path) -> subprocess.Popen:
+    """Another process that claims `directory` for its run and holds it until its stdin
+    closes (`proc.stdin.close(); proc.wait()`), or it is killed."""
+    code = (
+        "import sys; from pathlib import Path; from lozo_exp import outputs; "
+        f"outputs.claim_run_dir(Path({str(directory)!r})); print('held', flush=True); "
+        "sys.stdin.read()"
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
+    assert proc.stdout.readline().strip() == "held"
+    return proc
 
 
 @pytest.fixture

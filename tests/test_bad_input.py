@@ -9,14 +9,13 @@ import json
 import re
 import shutil
 import socket
-import subprocess
-import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import hold_run_dir
 
 import lozo_exp.runner as runner_module
 from lozo_exp import outputs
@@ -361,16 +360,8 @@ def test_a_run_into_a_directory_another_run_uses_is_refused_before_writing(
     tmp_path, capsys, no_model
 ):
     run_dir = tmp_path / "run"
-    code = (
-        "import sys; from pathlib import Path; from lozo_exp import outputs; "
-        f"outputs.claim_run_dir(Path({str(run_dir)!r})); print('held', flush=True); "
-        "sys.stdin.read()"
-    )
-    holder = subprocess.Popen(
-        [sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
-    )
+    holder = hold_run_dir(run_dir)
     try:
-        assert holder.stdout.readline().strip() == "held"
         before = digests(tmp_path, tmp_path / "none")
         with pytest.raises(SystemExit) as exit_:
             main([f"hydra.run.dir={run_dir}"])

@@ -4,12 +4,10 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-from conftest import compose_config
+from conftest import compose_config, hold_run_dir
 from omegaconf import OmegaConf
 
 from lozo_exp import outputs
@@ -111,23 +109,9 @@ def test_the_sweep_summary_lists_this_sweeps_jobs_and_fails_unless_all_finished(
     assert f"  missing   {tmp_path}/2_new" in capsys.readouterr().out.splitlines()
 
 
-def _holder(directory, *, resume: bool = False) -> subprocess.Popen:
-    """Another process that claims `directory` and holds it until its stdin closes."""
-    code = (
-        "import sys; from pathlib import Path; from lozo_exp import outputs; "
-        f"outputs.claim_run_dir(Path({str(directory)!r}), resume={resume}); "
-        "print('held', flush=True); sys.stdin.read()"
-    )
-    proc = subprocess.Popen(
-        [sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
-    )
-    assert proc.stdout.readline().strip() == "held"
-    return proc
-
-
 def test_a_claimed_directory_is_refused_to_other_processes_until_released(tmp_path):
     run = tmp_path / "run"
-    holder = _holder(run)
+    holder = hold_run_dir(run)
     try:
         lock = json.loads((run / outputs.LOCK).read_text())
         assert lock["pid"] == holder.pid
@@ -157,7 +141,7 @@ def test_a_claimed_directory_is_refused_to_other_processes_until_released(tmp_pa
 
 def test_a_lock_left_by_a_killed_run_does_not_block_the_directory(tmp_path):
     run = tmp_path / "run"
-    holder = _holder(run)
+    holder = hold_run_dir(run)
     holder.kill()  # SIGKILL: no clean-up, the lock file stays; the kernel drops the lock
     holder.wait()
     assert (run / outputs.LOCK).exists()
