@@ -36,7 +36,7 @@ DEVICES = [pytest.param("torch", id="torch"), *TRITON_DEVICES]
 def device(request: pytest.FixtureRequest) -> torch.device:
     """Where the kernels (or their torch fallback) run."""
     if request.param == "cuda":
-        if not kernels.available(torch.device("cuda")):
+        if not (torch.cuda.is_available() and kernels.available(torch.device("cuda"))):
             pytest.skip("needs CUDA and Triton")
         return torch.device("cuda")
     if (request.param == "interpreter") != kernels.INTERPRETED:
