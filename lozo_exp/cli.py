@@ -38,6 +38,11 @@ PLUGINS = {
         " (optuna comes with Hydra's Optuna sweeper: pip install 'lozo-exp[optuna]' && pip "
         "install --no-deps hydra-optuna-sweeper; README: Hyperparameter search)"
     ),
+    **dict.fromkeys(
+        ("hydra/launcher/submitit_slurm", "hydra/launcher/submitit_local"),
+        " (SLURM and local-process launchers, hydra/launcher=slurm among them, come with "
+        "Hydra's submitit plugin: pip install 'lozo-exp[slurm]'; README: Launching)",
+    ),
 }
 
 
@@ -79,10 +84,16 @@ def start(verbose: bool = False) -> None:
     set_verbosity(verbose)
 
 
+def asset(name: str) -> str:
+    """`${lozo_exp.asset:NAME}`: the path of a file shipped with the package in its assets/."""
+    return str(Path(__file__).resolve().parent / "assets" / name)
+
+
 def register() -> None:
     """The run schemas (ConfigStore) and the resolvers `conf/` uses."""
     register_configs()
     outputs.register_resolvers()
+    OmegaConf.register_new_resolver("lozo_exp.asset", asset, replace=True)
 
 
 # -- config errors as one paragraph ----------------------------------------------------------
@@ -113,6 +124,9 @@ def describe(err: BaseException) -> str:
     accepts; for an unknown option, the group's options; else the library's message, joined."""
     if isinstance(err, ConfigError):
         return str(err)
+    if isinstance(err, MissingConfigException) and err.missing_cfg_file in PLUGINS:
+        if not err.options:  # a config of ours extends the plugin's (hydra/launcher=slurm)
+            return f"{err.missing_cfg_file} cannot be loaded{PLUGINS[err.missing_cfg_file]}"
     if isinstance(err, MissingConfigException) and err.missing_cfg_file and err.options:
         group, _, choice = err.missing_cfg_file.rpartition("/")
         options = ", ".join(err.options)

@@ -328,12 +328,26 @@ def _architecture(cfg: ModelConfig, vocab_size: int) -> PretrainedConfig:
     return AutoConfig.for_model(ARCH_TYPE[cfg.family], **arch)
 
 
-def load_model(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase) -> PreTrainedModel:
+def parameter_count(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase) -> int:
+    """The parameters of the model `load_model` builds, counted on the meta device (nothing is
+    allocated: seconds even for OPT-66B). A vocabulary grown for the tokenizer is not counted."""
+    config = _architecture(cfg, vocab_size=len(tokenizer))
+    with torch.device("meta"):
+        model = AUTO_MODEL[cfg.family].from_config(config)
+    return sum(p.numel() for p in model.parameters())
+
+
+def load_model(
+    cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase, device: torch.device | None = None
+) -> PreTrainedModel:
+    """The model, random-initialised directly on `device` (default: the CPU) when
+    `model.random_init`, so a model larger than host memory can be built on a GPU."""
     auto = AUTO_MODEL[cfg.family]
     dtype = torch_dtype(cfg.dtype)
     if cfg.random_init:
         config = _architecture(cfg, vocab_size=len(tokenizer))
-        model = auto.from_config(config, dtype=dtype)
+        with torch.device(device or "cpu"):
+            model = auto.from_config(config, dtype=dtype)
     else:
         model = auto.from_pretrained(checkpoint(cfg), dtype=dtype)
     if model.get_input_embeddings().num_embeddings < len(tokenizer):

@@ -604,6 +604,7 @@ def report(
             f"pip install 'lozo-exp[figures]'"
         ) from err
 
+    cli.register()  # the resolvers the runs' configs name (e.g. ${lozo_exp.asset:...})
     runs = read_runs(paths)
     frame, keys = runs_frame(runs)
     log.info("%d runs; hyperparameters: %s", len(frame), ", ".join(keys) or "none varied")

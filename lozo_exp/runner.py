@@ -26,15 +26,49 @@ from lozo_exp.config import ConfigError, RunConfig, validate
 from lozo_exp.data import Row, Splits
 from lozo_exp.datacheck import check_data_files
 from lozo_exp.methods import METHODS, Method, build_method
-from lozo_exp.models import dtype_on, load_model, load_tokenizer, resolve_model
+from lozo_exp.models import (
+    dtype_on,
+    load_model,
+    load_tokenizer,
+    parameter_count,
+    resolve_model,
+    torch_dtype,
+)
 from lozo_exp.outputs import check_output_dir, claimed, hyperparameters, run_name
-from lozo_exp.tracking import MetricsLog, Progress, peak_memory_mb, resolve_device, synchronize
+from lozo_exp.tracking import (
+    MetricsLog,
+    Progress,
+    device_capacity,
+    peak_memory_mb,
+    reset_peak_memory,
+    resolve_device,
+    synchronize,
+)
 
 log = logging.getLogger(__name__)
 
 
 class TrainingDiverged(RuntimeError):
     """A non-finite loss: the run stops, keeping what it logged."""
+
+
+class DoesNotFit(ConfigError):
+    """The run needs more memory than its device has, known before the model is built."""
+
+
+def check_fits(
+    cfg: RunConfig, method: Method, n_params: int, capacity: int, device: torch.device
+) -> None:
+    """Refuse a run whose method's memory floor for the model exceeds the device's `capacity`
+    (bytes), instead of building the model to run out of memory."""
+    need, what = method.memory_floor(n_params, torch_dtype(cfg.model.dtype).itemsize)
+    if need > capacity:
+        raise DoesNotFit(
+            f"out of memory before building the model: method {cfg.method.name} on "
+            f"{cfg.model.name} ({n_params / 1e9:.2f}B parameters in {cfg.model.dtype}) keeps at "
+            f"least {need / 2**30:.1f} GiB on the device ({what}), and {device} has a total "
+            f"capacity of {capacity / 2**30:.2f} GiB: the run does not fit on one GPU"
+        )
 
 
 @dataclass
@@ -123,12 +157,16 @@ class Runner:
         self.max_steps, self.eval_steps = self._schedule()
         tokenizer = load_tokenizer(cfg.model)
         adapter_cls.check(task, tokenizer)
-        # Everything expensive starts here.
-        torch.manual_seed(cfg.seed)
         self.device = resolve_device(cfg.trainer.device)
         cfg.model.dtype = dtype_on(self.device, cfg.model.dtype)
-        peak_memory_mb(self.device)  # reset: this job's peak starts here (sweeps share a process)
-        model = load_model(cfg.model, tokenizer).to(self.device)
+        capacity = device_capacity(self.device)
+        if capacity is not None:  # counting the parameters costs a meta-device build
+            n_params = parameter_count(cfg.model, tokenizer)
+            check_fits(cfg, self.method, n_params, capacity, self.device)
+        # Everything expensive starts here.
+        torch.manual_seed(cfg.seed)
+        reset_peak_memory(self.device)  # this job's peak starts here (sweeps share a process)
+        model = load_model(cfg.model, tokenizer, self.device).to(self.device)
         model = self.method.prepare_model(model)
         self.adapter = adapter_cls(model, tokenizer, task, cfg.model)
         self.adapter.prepare(cfg, self.splits)

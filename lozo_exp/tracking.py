@@ -4,6 +4,7 @@ when the logger config asks (`logger=[wandb,tensorboard]`); memory and progress 
 from __future__ import annotations
 
 import contextlib
+import gc
 import json
 import logging
 import math
@@ -207,6 +208,13 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def device_capacity(device: torch.device) -> int | None:
+    """Total memory of a CUDA device in bytes; None elsewhere (no fixed limit to check)."""
+    if device.type != "cuda":
+        return None
+    return torch.cuda.get_device_properties(device).total_memory
+
+
 def peak_memory_mb(device: torch.device, reset: bool = True) -> float:
     """Peak memory since the last reset: GPU memory allocated on CUDA, resident memory on CPU."""
     if device.type == "cuda":
@@ -232,6 +240,15 @@ def peak_rss_mb(reset: bool = True) -> float:
         with contextlib.suppress(OSError):  # a read-only /proc: the lifetime peak, as above
             PROC_CLEAR_REFS.write_text("5")
     return int(hwm[1]) / 2**10
+
+
+def reset_peak_memory(device: torch.device) -> None:
+    """Start this job's peak-memory reading (a sweep's jobs share a process): on CUDA, from
+    what is allocated once the memory earlier jobs left is freed."""
+    if device.type == "cuda":
+        gc.collect()
+        torch.cuda.empty_cache()
+    peak_memory_mb(device, reset=True)
 
 
 def _clock(seconds: float) -> str:

@@ -18,7 +18,7 @@ from lozo_exp import cli
 from lozo_exp.config import ConfigError, RunConfig
 
 ROOT = Path(__file__).resolve().parents[1]
-PACKAGES = ("lozo_exp", "large_models", "medium_models")
+PACKAGES = ("lozo_exp", "large_models", "medium_models", "hydra_plugins")
 
 
 def python(code: str, **env: str) -> subprocess.CompletedProcess:

@@ -86,6 +86,12 @@ class Method:
     def build_optimizer(self, model: nn.Module, seed: int) -> torch.optim.Optimizer | None:
         return None
 
+    def memory_floor(self, n_params: int, bytes_per_param: int) -> tuple[int, str]:
+        """Bytes this method keeps on the device for a model of `n_params` parameters stored
+        in `bytes_per_param` bytes each, before any activation (a lower bound on its peak
+        memory), and what they hold."""
+        return n_params * bytes_per_param, "the weights"
+
     def learning_rate(self, step: int, total_steps: int) -> float:
         return self.cfg.lr * lr_factor(self.run.trainer.lr_schedule, step, total_steps)
 

@@ -64,6 +64,10 @@ class FTMethod(Method):
         model.train()  # dropout on, as HF Trainer trains
         return model
 
+    def memory_floor(self, n_params: int, bytes_per_param: int) -> tuple[int, str]:
+        what = "the weights, their gradients and AdamW's two moments"
+        return 4 * n_params * bytes_per_param, what
+
     def build_optimizer(self, model: nn.Module, seed: int) -> torch.optim.Optimizer:
         c, amp = self.cfg, self.run.trainer.amp
         self.params = [p for p in model.parameters() if p.requires_grad]

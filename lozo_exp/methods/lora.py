@@ -40,6 +40,9 @@ class LoRAConfig(MethodConfig):
 class LoRAMethod(Method):
     """Wraps the model with peft's LoRA before the method's own preparation."""
 
+    def memory_floor(self, n_params: int, bytes_per_param: int) -> tuple[int, str]:
+        return n_params * bytes_per_param, "the frozen weights"  # the adapters are tiny
+
     def prepare_model(self, model: nn.Module) -> nn.Module:
         from peft import LoraConfig, get_peft_model
 

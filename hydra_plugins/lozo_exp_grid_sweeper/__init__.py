@@ -1,0 +1,1 @@
+"""lozo-exp's Hydra sweeper plugin (`hydra/sweeper=grids`), found by Hydra's plugin discovery."""
