@@ -124,9 +124,9 @@ def describe(err: BaseException) -> str:
     accepts; for an unknown option, the group's options; else the library's message, joined."""
     if isinstance(err, ConfigError):
         return str(err)
-    if isinstance(err, MissingConfigException) and err.missing_cfg_file in PLUGINS:
-        if not err.options:  # a config of ours extends the plugin's (hydra/launcher=slurm)
-            return f"{err.missing_cfg_file} cannot be loaded{PLUGINS[err.missing_cfg_file]}"
+    missing = err.missing_cfg_file if isinstance(err, MissingConfigException) else None
+    if missing in PLUGINS and not err.options:  # ours extends it (hydra/launcher=slurm)
+        return f"{missing} cannot be loaded{PLUGINS[missing]}"
     if isinstance(err, MissingConfigException) and err.missing_cfg_file and err.options:
         group, _, choice = err.missing_cfg_file.rpartition("/")
         options = ", ".join(err.options)
