@@ -260,7 +260,7 @@ def test_the_memory_preset_measures_table_22_with_the_published_dtypes():
     rows = [json.loads(line) for line in Path(cfg.task.data_files.train).read_text().splitlines()]
     lengths = [len(tokenizer(TASK.render(row).context).input_ids) for row in rows]
     assert 350 <= np.mean(lengths) <= 450 and min(lengths) >= 300
-    assert cfg.task.num_train * min(lengths) >= cfg.model.max_length
+    assert len(rows) * min(lengths) >= 2 * cfg.model.max_length  # ICL's pool: the whole file
     assert Path(cfg.task.data_files.validation).is_file()
 
 
@@ -391,7 +391,7 @@ def test_a_preset_narrowed_to_nothing_stops_before_anything_is_written(tmp_path)
     assert (
         "lozo-exp: no job left: method=ft matches none of the sweep's grids (mezo:" in done.stderr
     )
-    assert not (tmp_path / "multirun").exists()
+    assert not [p for p in tmp_path.rglob("*") if p.is_file()]  # (the claimed sweep dir: empty)
 
 
 @pytest.mark.slow  # Hydra composes every job before launching any
