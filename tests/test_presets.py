@@ -433,9 +433,13 @@ def test_the_smoke_grid_end_to_end(tmp_path):
 
 @pytest.mark.slow  # 5 tiny runs as separate processes
 def test_submitit_local_runs_each_job_in_its_own_process_and_a_failure_stays_its_own(tmp_path):
+    """The smoke grid at seed 0 plus two bad jobs: a value the model cannot be built with (64
+    hidden units in 3 heads: fails when the model is built) and a device that does not exist
+    (refused before the run starts)."""
     pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
     sweep = tmp_path / "sweep"
-    crash = "+hydra.sweeper.grids.crash={method: mezo, trainer.device: 'cuda:99'}"  # no such GPU
+    crash = "+hydra.sweeper.grids.crash={method: mezo, model.arch.num_attention_heads: 3}"
+    bad = "+hydra.sweeper.grids.bad={method: lozo, trainer.device: 'cuda:99'}"
     done = lozo_exp(
         tmp_path,
         "-m",
@@ -443,17 +447,17 @@ def test_submitit_local_runs_each_job_in_its_own_process_and_a_failure_stays_its
         "hydra/launcher=submitit_local",
         "seed=0",
         crash,
+        bad,
         f"hydra.sweep.dir={sweep}",
     )
     assert done.returncode == 1  # the sweep summary: a job failed
-    assert f"Sweep {sweep}: 5 jobs (4 completed, 1 failed)" in done.stdout
+    assert f"Sweep {sweep}: 6 jobs (4 completed, 1 failed, 1 rejected)" in done.stdout
     logs = list((sweep / ".submitit").glob("*/*_log.out"))
-    assert len(logs) == 5  # one process per job
+    assert len(logs) == 6  # one process per job
     runs = run_report(sweep, tmp_path / "report").set_index("status")
-    assert runs.index.value_counts().to_dict() == {"completed": 4, "failed": 1}
-    failed = Path(runs.loc["failed", "run_dir"])
-    assert "trainer.device=cuda" in (failed / ".hydra" / "overrides.yaml").read_text()
-    assert runs.loc["failed", "error"]
+    assert runs.index.value_counts().to_dict() == {"completed": 4, "failed": 1, "rejected": 1}
+    assert "num_heads" in runs.loc["failed", "error"]  # transformers' own message
+    assert "cuda:99" in runs.loc["rejected", "error"]
     assert runs.loc["completed", "test"].notna().all()
     cells = pd.read_csv(tmp_path / "report" / "cells.csv").set_index("method")
-    assert cells.loc["mezo", "notes"] == "1 failed" and pd.isna(cells.loc["lozo", "notes"])
+    assert cells.loc["mezo", "notes"] == "1 failed" and cells.loc["lozo", "notes"] == "1 rejected"
