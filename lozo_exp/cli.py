@@ -89,8 +89,18 @@ def asset(name: str) -> str:
     return str(Path(__file__).resolve().parent / "assets" / name)
 
 
+def expose_checkout_plugins() -> None:
+    """Run from a checkout, its `hydra_plugins/` (the grids sweeper) must be on `sys.path`:
+    an editable install's import hook serves it to `import`, but Hydra lists plugins with
+    `pkgutil`, which cannot see through that hook."""
+    root = Path(__file__).resolve().parent.parent
+    if (root / "hydra_plugins").is_dir() and str(root) not in sys.path:
+        sys.path.append(str(root))
+
+
 def register() -> None:
-    """The run schemas (ConfigStore) and the resolvers `conf/` uses."""
+    """The run schemas (ConfigStore), the resolvers `conf/` uses, the checkout's plugins."""
+    expose_checkout_plugins()
     register_configs()
     outputs.register_resolvers()
     OmegaConf.register_new_resolver("lozo_exp.asset", asset, replace=True)
