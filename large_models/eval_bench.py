@@ -100,7 +100,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     device = resolve_device(cfg.trainer.device)
     tokenizer = load_tokenizer(cfg.model)
     torch.manual_seed(cfg.seed)
-    model = load_model(cfg.model, tokenizer).to(device).eval()
+    model = load_model(cfg.model, tokenizer, device).eval()
     n_single = min(args.single_rows, args.rows)
     tasks = {t.name: bench_task(cfg, model, tokenizer, t, args.rows, n_single) for t in task_cfgs}
     report = {

@@ -348,8 +348,7 @@ def run_bench(cfg: BenchRunConfig, out_dir: Path) -> dict[str, Any]:
     tokenizer = load_tokenizer(cfg.model)
     torch.manual_seed(cfg.seed)
     t0 = time.perf_counter()
-    with torch.device(device):  # build on the device: OPT-66B does not fit in host memory
-        model = load_model(cfg.model, tokenizer).eval()
+    model = load_model(cfg.model, tokenizer, device).eval()  # OPT-66B does not fit in host memory
     build_s = time.perf_counter() - t0
     n_params = sum(p.numel() for p in model.parameters())
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())

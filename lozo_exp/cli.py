@@ -23,13 +23,14 @@ from urllib.parse import urlparse
 import hydra
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import HydraException, MissingConfigException, OverrideParseException
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
 
 from lozo_exp import outputs
-from lozo_exp.config import ConfigError, RunConfig, check_overrides, register_configs
+from lozo_exp.config import RUNTIME_KEYS, ConfigError, RunConfig, check_overrides, register_configs
 
 LOG_FORMAT = "[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"  # as Hydra's job logging
 # Config options that a Hydra plugin brings, and how to install it.
@@ -209,6 +210,42 @@ def run_config(overrides: Sequence[str] = ()) -> RunConfig:
     cfg = to_object(compose("config", overrides))
     check_overrides(cfg, overrides)
     return cfg
+
+
+def stored_run_config(run_dir: Path, overrides: Sequence[str] = ()) -> RunConfig:
+    """The typed config the run in `run_dir` ran with (its `.hydra/config.yaml`, as Hydra
+    saved it), with `overrides` of RUNTIME_KEYS only: a resumed run computes what it did."""
+    from lozo_exp.methods import METHODS
+
+    path = run_dir / ".hydra" / "config.yaml"
+    if not path.is_file():
+        raise ConfigError(
+            f"resume={run_dir}: there is no {path}, where a run directory keeps the config it "
+            f"ran with (is {run_dir} a run directory?)"
+        )
+    stored = OmegaConf.load(path)
+    with config_errors():
+        parsed = OverridesParser.create().parse_overrides(list(overrides))
+    for override in parsed:
+        key = override.key_or_group
+        allowed = any(key == k or key.startswith(k + ".") for k in RUNTIME_KEYS)
+        if allowed and key != "logger":  # keys, not the logger group (logger.wandb=true)
+            OmegaConf.update(stored, key, override.value(), merge=True)
+            continue
+        node = OmegaConf.select(stored, key)
+        now = node.get("name", "...") if isinstance(node, DictConfig) else node
+        raise ConfigError(
+            f"resume={run_dir} continues that run with the config it ran with ({path}), where "
+            f"{key}={now}: {override.input_line} would change it. Only these keys may be given "
+            f"with resume: {', '.join(k + ('.*' if k == 'logger' else '') for k in RUNTIME_KEYS)}"
+        )
+    name = OmegaConf.select(stored, "method.name")
+    if name not in METHODS:
+        raise ConfigError(f"{path}: method.name={name!r} is not one of {', '.join(METHODS)}")
+    schema = OmegaConf.structured(RunConfig(method=METHODS[name].config()))
+    with config_errors():
+        typed = OmegaConf.merge(schema, stored)
+    return to_object(typed)
 
 
 def to_object(cfg: DictConfig) -> Any:

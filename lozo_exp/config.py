@@ -44,6 +44,18 @@ PROTOCOLS = {
 }
 
 
+RUNTIME_KEYS = (
+    "trainer.device",
+    "trainer.progress_every_s",
+    "trainer.checkpoint_steps",
+    "trainer.checkpoint_minutes",
+    "trainer.save_final",
+    "logger",
+)
+"""Keys (with the keys under them) that say where and how a run runs, not what it computes: a
+resumed run may change them."""
+
+
 class ConfigError(ValueError):
     """A bad setting, reported as one paragraph before any expensive work starts."""
 
@@ -154,6 +166,13 @@ class TrainerConfig:
     # (autocast; "fp16" also scales the loss) over float32 master weights.
     max_grad_norm: float | None = None
     amp: str = "off"
+    # Checkpoints (`lozo_exp.checkpoint`): every this many steps and this many minutes (null:
+    # not by that measure), and after every dev evaluation where a checkpoint holds no weights
+    # (zeroth-order methods). Resume with `lozo-exp resume=RUN_DIR`.
+    checkpoint_steps: int | None = None
+    checkpoint_minutes: float | None = 10.0
+    # Write the trainable weights after the last step to final.safetensors (LoRA: the adapter).
+    save_final: bool = False
 
 
 @dataclass
@@ -375,6 +394,16 @@ def validate(cfg: RunConfig) -> None:
             (
                 tr.max_grad_norm is None or tr.max_grad_norm > 0,
                 f"trainer.max_grad_norm={tr.max_grad_norm} must be > 0 (or null: no clipping)",
+            ),
+            (
+                tr.checkpoint_steps is None or tr.checkpoint_steps >= 1,
+                f"trainer.checkpoint_steps={tr.checkpoint_steps} must be a positive integer (or "
+                f"null: not by steps)",
+            ),
+            (
+                tr.checkpoint_minutes is None or tr.checkpoint_minutes > 0,
+                f"trainer.checkpoint_minutes={tr.checkpoint_minutes} must be > 0 (or null: not "
+                f"by time)",
             ),
             (mo.max_length >= 8, f"model.max_length={mo.max_length} is too small (>= 8)"),
             (

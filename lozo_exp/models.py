@@ -9,7 +9,9 @@ checkpoint's config when the model config does not say it, before anything is lo
 
 `model.random_init=true` builds the architecture from its config with random weights and
 downloads nothing: the hub config is used when it can be read (cache or network), otherwise
-the architecture written in the model's YAML (`model.arch`). When the real tokenizer is not
+the architecture written in the model's YAML (`model.arch`). Either way the weights are made
+or read straight on the run's device, so host memory stays far below the model's size (OPT-66B
+in float16 is 132 GB). When the real tokenizer is not
 available offline, the bundled stand-in tokenizer is used and the log says so.
 """
 
@@ -338,18 +340,19 @@ def parameter_count(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase) -> int
 
 
 def load_model(
-    cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase, device: torch.device | None = None
+    cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase, device: torch.device | str = "cpu"
 ) -> PreTrainedModel:
-    """The model, random-initialised directly on `device` (default: the CPU) when
-    `model.random_init`, so a model larger than host memory can be built on a GPU."""
+    """The model on `device`: random weights initialised there, or a checkpoint's weights
+    streamed there (`device_map`), never a whole copy in host memory."""
     auto = AUTO_MODEL[cfg.family]
     dtype = torch_dtype(cfg.dtype)
+    device = torch.device(device)
     if cfg.random_init:
         config = _architecture(cfg, vocab_size=len(tokenizer))
-        with torch.device(device or "cpu"):
+        with device:
             model = auto.from_config(config, dtype=dtype)
     else:
-        model = auto.from_pretrained(checkpoint(cfg), dtype=dtype)
+        model = auto.from_pretrained(checkpoint(cfg), dtype=dtype, device_map=device)
     if model.get_input_embeddings().num_embeddings < len(tokenizer):
         model.resize_token_embeddings(len(tokenizer))
     if cfg.tie_word_embeddings is not None:

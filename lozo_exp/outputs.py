@@ -1,14 +1,16 @@
 """Where runs write, and the rule that keeps one run from overwriting another.
 
-A directory *holds a run* when it has `metrics.jsonl`, or a `results.json` whose status is not
-"rejected" (a run refused before it started, for a bad config or missing data, leaves its
-directory free to reuse), or while another process's run uses it. `check_output_dir` is the one
-place that decides it. A run *claims* its directory atomically before anything is written
-(`claim_run_dir`: an exclusive lock on `<dir>/.lozo-lock`, held until the run ends, released by
-the kernel if the process dies), so of two runs started together into one directory, one gets
-a clear error. The entry module claims before Hydra writes anything (`lozo_exp.cli.StartGuard`;
-a sweep claims its directory). `SweepSummary` reports a sweep's jobs at its end; `job_dirname`
-names job directories by their values.
+A directory *holds a run* when it has `metrics.jsonl`, `checkpoint.json`, or a `results.json`
+whose status is not "rejected" (a run refused before it started, for a bad config or missing
+data, leaves its directory free to reuse), or while another process's run uses it.
+`check_output_dir` is the one place that decides whether a run may write to a directory, and
+whether it continues the run there (resume: `lozo-exp resume=DIR`, or a requeued job). A run
+*claims* its directory atomically before anything is written (`claim_run_dir`: an exclusive
+lock on `<dir>/.lozo-lock`, held until the run ends, released by the kernel if the process
+dies), so of two runs started together into one directory, one gets a clear error. The entry
+module claims before Hydra writes anything (`lozo_exp.cli.StartGuard`; a sweep claims its
+directory). `SweepSummary` reports a sweep's jobs at its end; `job_dirname` names job
+directories by their values.
 """
 
 from __future__ import annotations
@@ -35,14 +37,23 @@ from lozo_exp.config import ConfigError, RunConfig
 
 RESULTS = "results.json"
 METRICS = "metrics.jsonl"
+CHECKPOINT = "checkpoint.json"  # a run that can be resumed has one (`lozo_exp.checkpoint`)
 REJECTED = "rejected"
 FINISHED = ("completed", "diverged")  # a sweep with a job in any other state exits non-zero
 CONFIG_GROUPS = ("model", "task", "method", "trainer")  # results.json's `<group>_config` keys
 LOCK = ".lozo-lock"  # locked by the process whose run uses the directory; says which one
+RESUME = ("never", "allow", "require")
+"""May a run continue the run its directory holds: never (a new run: `lozo_exp.run`, a fresh
+command), allow (a Hydra job: a job that SLURM requeued finds its own run there), require
+(`lozo-exp resume=DIR`)."""
 
 
 class RunDirTaken(ConfigError):
     """The output directory already holds a run, or another run is using it."""
+
+
+class RunFinished(Exception):
+    """The run to resume has finished (completed or diverged): there is nothing to continue."""
 
 
 def _read_results(directory: Path) -> dict[str, Any]:
@@ -64,8 +75,9 @@ def read_status(directory: Path) -> str | None:
 
 def run_record(directory: Path) -> str | None:
     """The file that shows `directory` holds a run, or None when a run may write there."""
-    if (directory / METRICS).exists():
-        return METRICS
+    for name in (METRICS, CHECKPOINT):
+        if (directory / name).exists():
+            return name
     status = read_status(directory)
     return RESULTS if status not in (None, REJECTED) else None
 
@@ -134,28 +146,46 @@ def _in_use(directory: Path) -> bool:
     return False  # left by a run that ended without removing it: nobody uses the directory
 
 
-def check_output_dir(out_dir: Path, setting: str = "hydra.run.dir") -> None:
-    """Refuse a directory that holds a run or that another run uses: a run never overwrites
-    another. (The one check; `claim_run_dir` makes it atomic.)"""
+def check_output_dir(out_dir: Path, setting: str = "hydra.run.dir", resume: str = "never") -> bool:
+    """Whether a run may write to `out_dir`, and whether it continues the run there (True) or
+    starts a new one (False); a run never overwrites another, nor uses a directory another
+    run uses. A run can be continued when it has a checkpoint and did not finish; `resume` (one
+    of RESUME) says whether this one may. (The one check; `claim_run_dir` makes it atomic.)"""
     if _in_use(out_dir):
         raise RunDirTaken(
             f"output directory {out_dir} is in use by another run ({_user(out_dir)}); a run "
             f"never overwrites another: choose a new {setting}"
         )
     record = run_record(out_dir)
-    if record is not None:
-        raise RunDirTaken(
-            f"output directory {out_dir} already holds a run ({out_dir / record}); a run never "
-            f"overwrites another: choose a new {setting}"
-        )
+    if record is None:
+        if resume == "require":
+            raise ConfigError(f"resume={out_dir}: that directory holds no run to resume")
+        return False
+    status = read_status(out_dir)
+    resumable = status not in FINISHED and (out_dir / CHECKPOINT).is_file()
+    if resume != "never":
+        if status in FINISHED:
+            raise RunFinished(f"the run in {out_dir} has {status}: there is nothing to resume")
+        if resumable:
+            return True
+        if resume == "require":
+            raise ConfigError(
+                f"resume={out_dir}: the run there has no checkpoint ({CHECKPOINT}), so it cannot "
+                f"be resumed (it did not train, or stopped before its first step)"
+            )
+    hint = f", or continue it: lozo-exp resume={out_dir}" if resumable else ""
+    raise RunDirTaken(
+        f"output directory {out_dir} already holds a run ({out_dir / record}); a run never "
+        f"overwrites another: choose a new {setting}{hint}"
+    )
 
 
-def claim_run_dir(out_dir: Path, setting: str = "hydra.run.dir", resume: bool = False) -> None:
+def claim_run_dir(out_dir: Path, setting: str = "hydra.run.dir", resume: str = "never") -> bool:
     """Claim `out_dir` for this process's run, atomically, before anything is written there:
     a run started meanwhile by another process into the same directory gets RunDirTaken, and
-    so does a directory that holds a run (unless `resume`: the run it holds is continued).
-    Claiming a directory this process holds checks it again. Held until `release_run_dir` or
-    the process ends."""
+    so does a directory that holds a run, unless `resume` lets this run continue it (then True;
+    `check_output_dir`). Claiming a directory this process holds checks it again. Held until
+    `release_run_dir` or the process ends."""
     key = _key(out_dir)
     acquired = key not in _HELD
     if acquired:
@@ -170,13 +200,12 @@ def claim_run_dir(out_dir: Path, setting: str = "hydra.run.dir", resume: bool = 
         user = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.ctime()}
         os.ftruncate(fd, 0)
         os.write(fd, json.dumps(user).encode())
-    if not resume:
-        try:
-            check_output_dir(out_dir, setting)
-        except RunDirTaken:
-            if acquired:
-                release_run_dir(out_dir)
-            raise
+    try:
+        return check_output_dir(out_dir, setting, resume)
+    except Exception:
+        if acquired:
+            release_run_dir(out_dir)
+        raise
 
 
 def release_run_dir(out_dir: Path) -> None:
@@ -188,12 +217,13 @@ def release_run_dir(out_dir: Path) -> None:
 
 
 @contextmanager
-def claimed(out_dir: Path, setting: str = "hydra.run.dir", resume: bool = False) -> Iterator[None]:
-    """`claim_run_dir` for the block, released at its end unless it was held before."""
+def claimed(out_dir: Path, setting: str = "hydra.run.dir", resume: str = "never") -> Iterator[bool]:
+    """`claim_run_dir` for the block (which gets whether the run continues the one there),
+    released at its end unless it was held before."""
     held = _key(out_dir) in _HELD
-    claim_run_dir(out_dir, setting, resume)
+    resuming = claim_run_dir(out_dir, setting, resume)
     try:
-        yield
+        yield resuming
     finally:
         if not held:
             release_run_dir(out_dir)

@@ -1,10 +1,13 @@
 """The one training loop for every method and model family.
 
-`run` checks the config and reads the data (the cheap steps that can fail) before it loads a
-model, then trains with the method's step (`lozo_exp.methods`: a zeroth-order optimizer
-evaluates the loss at two perturbed points, AdamW runs it with backprop), evaluates on dev every
-`trainer.eval_steps` (or each epoch) keeping the best dev state by `trainer.select_by` (dev
-loss or the task metric), and tests with that state.
+`run` checks the config and reads the data (the cheap steps that can fail) before it builds the
+model on its device, then trains with the method's step (`lozo_exp.methods`: a zeroth-order
+optimizer evaluates the loss at two perturbed points, AdamW runs it with backprop), evaluates
+on dev every `trainer.eval_steps` (or each epoch) and tests the best dev state by
+`trainer.select_by` (dev loss or the task metric): the test sets are evaluated whenever a dev
+evaluation becomes the best, so no copy of the weights is kept. Every step is logged to
+steps.jsonl, and checkpoints (`lozo_exp.checkpoint`) let a killed or preempted run continue
+exactly where it stopped (`resume`).
 """
 
 from __future__ import annotations
@@ -12,16 +15,20 @@ from __future__ import annotations
 import json
 import logging
 import math
+import resource
 import time
-from dataclasses import asdict, dataclass
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Any
 
+import psutil
 import torch
 from torch import nn
 
 from lozo_exp.adapter import Adapter, adapter_class, load_task
+from lozo_exp.checkpoint import Checkpoints, StepLog, fingerprint, write_atomic
 from lozo_exp.config import ConfigError, RunConfig, validate
 from lozo_exp.data import Row, Splits
 from lozo_exp.datacheck import check_data_files
@@ -34,7 +41,8 @@ from lozo_exp.models import (
     resolve_model,
     torch_dtype,
 )
-from lozo_exp.outputs import check_output_dir, claimed, hyperparameters, run_name
+from lozo_exp.outputs import METRICS, RESULTS, check_output_dir, claimed, hyperparameters, run_name
+from lozo_exp.signals import Preempted, StopSignals
 from lozo_exp.tracking import (
     MetricsLog,
     Progress,
@@ -46,6 +54,8 @@ from lozo_exp.tracking import (
 )
 
 log = logging.getLogger(__name__)
+
+FINAL_WEIGHTS = "final.safetensors"
 
 
 class TrainingDiverged(RuntimeError):
@@ -73,66 +83,73 @@ def check_fits(
 
 @dataclass
 class RunState:
-    """Everything a run needs to continue exactly: parameters, optimizer state, step, data
-    position and best-dev bookkeeping. ZO random draws are keyed by (seed, step), and the data
-    order by (seed, epoch), so no generator state beyond torch's (dropout) is needed."""
+    """What a run carries from step to step. The data order is a function of (seed, step) and
+    ZO draws of (seed, step, tensor), so the rest is the weights and the optimizer's state
+    (`lozo_exp.checkpoint` saves or replays them)."""
 
     model: nn.Module
     optimizer: torch.optim.Optimizer | None
     seed: int
-    method: Method | None = None  # its step state (e.g. FT's loss scaler)
+    method: Method
     step: int = 0
-    epoch: int = 0
-    position: int = 0  # rows of the current epoch already consumed
+    losses: list[float] = field(default_factory=list)  # training losses since the last record
     best_metric: float | None = None  # trainer.select_by's value, higher is better (-dev loss)
     best_step: int | None = None
     best_dev: dict[str, float] | None = None
-    best_params: dict[str, torch.Tensor] | None = None
+    best_test: dict[str, dict[str, float]] | None = None  # the test sets, with that state
 
     def trainable(self) -> dict[str, torch.Tensor]:
         return {n: p for n, p in self.model.named_parameters() if p.requires_grad}
 
     def next_batch(self, rows: list[Row], batch_size: int) -> list[Row]:
-        """The next rows of a seeded per-epoch shuffle (the last batch of an epoch may be short)."""
-        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
-        order = torch.randperm(len(rows), generator=gen)[self.position : self.position + batch_size]
-        self.position += len(order)
-        if self.position >= len(rows):
-            self.epoch, self.position = self.epoch + 1, 0
+        """The rows of this step: a seeded shuffle per epoch, cut into batches (the last batch
+        of an epoch may be short)."""
+        epoch, k = divmod(self.step, math.ceil(len(rows) / batch_size))
+        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+        order = torch.randperm(len(rows), generator=gen)[k * batch_size : (k + 1) * batch_size]
         return [rows[i] for i in order.tolist()]
 
-    _PROGRESS = ("step", "epoch", "position", "best_metric", "best_step", "best_dev", "best_params")
-
-    def state_dict(self) -> dict[str, Any]:
+    def progress(self) -> dict[str, Any]:
         return {
-            "params": {n: p.detach().clone() for n, p in self.trainable().items()},
-            "optimizer": self.optimizer.state_dict() if self.optimizer else None,
-            "method": self.method.state_dict() if self.method else {},
-            "torch_rng": torch.get_rng_state(),
-            **{k: getattr(self, k) for k in self._PROGRESS},
+            "best": {
+                "metric": self.best_metric,
+                "step": self.best_step,
+                "dev": self.best_dev,
+                "test": self.best_test,
+            }
         }
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        with torch.no_grad():
-            for name, p in self.trainable().items():
-                p.copy_(state["params"][name])
-        if self.optimizer is not None:
-            self.optimizer.load_state_dict(state["optimizer"])
-        if self.method is not None:
-            self.method.load_state_dict(state["method"])
+    def restore(self, saved: dict[str, Any], step: int, losses: list[float]) -> None:
+        best = saved["best"]
+        self.step, self.losses = step, losses
+        self.best_metric, self.best_step = best["metric"], best["step"]
+        self.best_dev, self.best_test = best["dev"], best["test"]
+
+    def trainer_state(self) -> dict[str, Any]:
+        """The optimizer's and the method's state and the RNG states (dropout)."""
+        return {
+            "optimizer": self.optimizer.state_dict(),
+            "method": self.method.state_dict(),
+            "torch_rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else [],
+        }
+
+    def load_trainer_state(self, state: dict[str, Any]) -> None:
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.method.load_state_dict(state["method"])
         torch.set_rng_state(state["torch_rng"])
-        for k in self._PROGRESS:
-            setattr(self, k, state[k])
+        if state["cuda_rng"]:
+            torch.cuda.set_rng_state_all(state["cuda_rng"])
 
 
 class Runner:
     """Holds what one run shares across its phases: config, adapter, splits, state, logs."""
 
-    def __init__(self, cfg: RunConfig, out_dir: Path):
+    def __init__(self, cfg: RunConfig, out_dir: Path, resume: str = "never"):
         self.start = time.perf_counter()
         cfg.model = resolve_model(cfg.model)  # the checkpoint is there; its family is known
         validate(cfg)
-        check_output_dir(out_dir)
+        self.resuming = check_output_dir(out_dir, resume=resume)
         self.cfg, self.out_dir = cfg, out_dir
         family = cfg.model.family
         task = load_task(family, cfg.task.name)
@@ -155,10 +172,14 @@ class Runner:
                 f"split's size, or use an evaluation-only method ({evaluation_only})."
             )
         self.max_steps, self.eval_steps = self._schedule()
-        tokenizer = load_tokenizer(cfg.model)
-        adapter_cls.check(task, tokenizer)
         self.device = resolve_device(cfg.trainer.device)
         cfg.model.dtype = dtype_on(self.device, cfg.model.dtype)
+        self.checkpoints = Checkpoints(out_dir, cfg, self.method.replayable)
+        self.earlier: dict[str, Any] = {"elapsed_s": 0.0, "peak_mem_mb": 0.0, "resumed_at": []}
+        if self.resuming:  # another config is an error before the model is built
+            self.earlier = {k: self.checkpoints.load()[k] for k in self.earlier}
+        tokenizer = load_tokenizer(cfg.model)
+        adapter_cls.check(task, tokenizer)
         capacity = device_capacity(self.device)
         if capacity is not None:  # counting the parameters costs a meta-device build
             n_params = parameter_count(cfg.model, tokenizer)
@@ -166,7 +187,7 @@ class Runner:
         # Everything expensive starts here.
         torch.manual_seed(cfg.seed)
         reset_peak_memory(self.device)  # this job's peak starts here (sweeps share a process)
-        model = load_model(cfg.model, tokenizer, self.device).to(self.device)
+        model = load_model(cfg.model, tokenizer, self.device)
         model = self.method.prepare_model(model)
         self.adapter = adapter_cls(model, tokenizer, task, cfg.model)
         self.adapter.prepare(cfg, self.splits)
@@ -175,7 +196,12 @@ class Runner:
         self.state = RunState(model, optimizer, cfg.seed, self.method)
         n_train = sum(p.numel() for p in self.state.trainable().values())
         log.info("method %s: %.2fM trainable parameters", cfg.method.name, n_train / 1e6)
+        if self.method.trains:
+            self.checkpoints.base = fingerprint(model)
         self.peak_mem_mb = 0.0
+        self.startup_s: float | None = None
+        self.steps: StepLog | None = None
+        self.signals = StopSignals()
 
     def _schedule(self) -> tuple[int, int]:
         """Training steps and the dev evaluation interval, from steps or epochs."""
@@ -202,19 +228,35 @@ class Runner:
             )
         return steps, every
 
+    def evaluates_at(self, step: int) -> bool:
+        return step % self.eval_steps == 0 or step == self.max_steps
+
     def _memory(self) -> float:
         peak = peak_memory_mb(self.device)
         self.peak_mem_mb = max(self.peak_mem_mb, peak)
         return peak
 
+    def session(self) -> dict[str, Any]:
+        """Time, memory and resumptions over this run's sessions so far."""
+        return {
+            "elapsed_s": self.earlier["elapsed_s"] + time.perf_counter() - self.start,
+            "peak_mem_mb": max(self.earlier["peak_mem_mb"], self.peak_mem_mb),
+            "resumed_at": self.earlier["resumed_at"],
+        }
+
+    def checkpoint(self) -> None:
+        self.checkpoints.save(self.state, self.session(), self.steps)
+
     def train(self, metrics: MetricsLog) -> None:
         state, tr, method = self.state, self.cfg.trainer, self.method
         optimizer = state.optimizer
         progress = Progress("step", self.max_steps, tr.progress_every_s, state.step)
-        losses: list[float] = []
         times: list[float] = []
+        self.steps = self.steps or StepLog(self.out_dir)
         self._memory()
         while state.step < self.max_steps:
+            if self.startup_s is None:  # from the command to the first step
+                self.startup_s = time.time() - psutil.Process().create_time()
             batch = self.adapter.collate(
                 state.next_batch(self.splits.train, self.cfg.method.batch_size)
             )
@@ -226,23 +268,29 @@ class Runner:
             loss = float(step_loss)
             synchronize(self.device)
             times.append(time.perf_counter() - start)
-            losses.append(loss)
+            state.losses.append(loss)
             state.step += 1
+            self.steps.write({"step": state.step, "loss": loss, "lr": lr,
+                              **method.step_record(optimizer)})  # fmt: skip
             if state.step % tr.log_steps == 0 or not math.isfinite(loss):
                 record = {
                     "step": state.step,
-                    "loss": sum(losses) / len(losses),
-                    "lr": optimizer.param_groups[0]["lr"],
+                    "loss": sum(state.losses) / len(state.losses),
+                    "lr": lr,
                     "step_time_s": sum(times) / len(times),
                     "mem_peak_mb": self._memory(),
                 }
                 metrics.write({**record, **extra})  # extra: the last step's (e.g. its g)
-                losses, times = [], []
+                state.losses, times = [], []
             if not math.isfinite(loss):
                 raise TrainingDiverged(self._diverged(loss))
             progress.update(state.step, f"loss {loss:.4f}")
-            if state.step % self.eval_steps == 0 or state.step == self.max_steps:
+            evaluated = self.evaluates_at(state.step)
+            if evaluated:
                 self.evaluate_dev(metrics)
+            if self.checkpoints.due(state.step, evaluated):
+                self.checkpoint()
+            self.signals.stop_if_signalled(state.step, self.checkpoint)
 
     def _diverged(self, loss: float) -> str:
         m, dtype = self.cfg.method, self.cfg.model.dtype
@@ -261,6 +309,8 @@ class Runner:
         )
 
     def evaluate_dev(self, metrics: MetricsLog) -> dict[str, float]:
+        """Dev metrics and loss; a new best (ties keep the earlier) also evaluates the test
+        sets, so the best state's test metrics are known without keeping its weights."""
         state, metric, tr = self.state, self.adapter.task.metric, self.cfg.trainer
         start = time.perf_counter()
         scores = self.adapter.evaluate(self.splits.dev, tr.eval_batch_size)
@@ -274,76 +324,109 @@ class Runner:
             }
         )
         log.info("step %d dev %s", state.step, _fmt(scores))
-        # Lower dev loss or higher metric is better; on a tie the earlier evaluation stays.
         value = -scores["dev_loss"] if tr.select_by == "loss" else scores[metric]
         if state.best_metric is None or value > state.best_metric:
             state.best_metric, state.best_step, state.best_dev = value, state.step, scores
-            if state.optimizer is not None:
-                state.best_params = {
-                    n: p.detach().to("cpu", copy=True) for n, p in state.trainable().items()
-                }
+            state.best_test = self.evaluate_test()
         return scores
 
-    def test(self) -> dict[str, dict[str, float]]:
-        """Test sets, evaluated with the best dev state."""
-        state = self.state
-        if state.best_params is not None:
-            with torch.no_grad():
-                for name, p in state.trainable().items():
-                    p.copy_(state.best_params[name])
+    def evaluate_test(self) -> dict[str, dict[str, float]]:
         return {
             name: self.adapter.evaluate(rows, self.cfg.trainer.eval_batch_size)
             for name, rows in self.splits.test.items()
         }
 
+    def save_final(self) -> None:
+        """The trainable weights after the last step (LoRA: the adapter) as safetensors."""
+        from safetensors.torch import save_file
+
+        tensors = {n: p.detach().contiguous() for n, p in self.state.trainable().items()}
+        write_atomic(self.out_dir / FINAL_WEIGHTS, lambda tmp: save_file(tensors, str(tmp)))
+
     def run(self) -> dict[str, Any]:
-        cfg = self.cfg
-        metrics = MetricsLog(self.out_dir, cfg.logger, run_name(self.out_dir), asdict(cfg))
+        cfg, state = self.cfg, self.state
         results: dict[str, Any] = {
             **hyperparameters(cfg),
             "metric": self.adapter.task.metric,
             "select_by": cfg.trainer.select_by,
         }
+        if self.resuming:  # replay (ZO) or load the weights, cut the logs back
+            step = self.checkpoints.resume(state, self.evaluates_at, cfg.trainer.log_steps)["step"]
+            self.earlier["resumed_at"] = [*self.earlier["resumed_at"], state.step]
+            log.info("continuing from step %d (checkpoint of step %d)", state.step, step)
+        metrics = MetricsLog(self.out_dir, cfg.logger, run_name(self.out_dir), asdict(cfg))
         try:
+            if self.method.trains and not self.resuming:
+                self.checkpoint()  # step 0: from here on the run can be resumed
             if not self.method.trains:
                 self.evaluate_dev(metrics)
             else:
-                self.train(metrics)
-            tests = self.test()
-            first = next(iter(tests.values()), {})
-            results.update(status="completed", dev=self.state.best_dev, test=first, test_sets=tests)
+                with self.signals:
+                    self.train(metrics)
+                if cfg.trainer.save_final:
+                    self.save_final()
+                self.checkpoints.remove_weights()  # a completed run is not resumed
+            if state.best_test is None:  # no dev evaluation (max_steps=0)
+                state.best_test = self.evaluate_test()
+            first = next(iter(state.best_test.values()), {})
+            results.update(status="completed", dev=state.best_dev, test=first,
+                           test_sets=state.best_test)  # fmt: skip
             log.info("test %s", _fmt(first))
             return results
         except TrainingDiverged as err:
             results.update(status="diverged", error=str(err))
             raise
-        except BaseException as err:  # out of memory, Ctrl-C, a bug: keep what is known
+        except Preempted as err:
+            results.update(status="preempted", error=f"{err}; lozo-exp resume={self.out_dir}")
+            raise
+        except BaseException as err:  # out of memory, Ctrl-C, a full disk, a bug
             results.update(status="failed", error=f"{type(err).__name__}: {err}")
             raise
         finally:
+            session = self.session()
             results.update(
-                steps=self.state.step,
-                best_step=self.state.best_step,
-                wall_time_s=time.perf_counter() - self.start,
-                peak_mem_mb=max(self.peak_mem_mb, self._memory()),
+                steps=state.step,
+                best_step=state.best_step,
+                wall_time_s=session["elapsed_s"],
+                peak_mem_mb=max(session["peak_mem_mb"], self._memory()),
+                peak_host_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10,
+                startup_s=self.startup_s,
+                resumed_at=session["resumed_at"],
             )
-            metrics.write(
-                {
-                    "step": self.state.step,
-                    "split": "final",
-                    **{k: results.get(k) for k in ("status", "peak_mem_mb")},
-                }
-            )
-            (self.out_dir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
-            metrics.close(results)
+            self._close(metrics, results)
+
+    def _close(self, metrics: MetricsLog, results: dict[str, Any]) -> None:
+        """The final record and results.json (written aside, then renamed), each as far as the
+        disk allows, and the logs closed."""
+        final = {"step": self.state.step, "split": "final"}
+        final.update((k, results.get(k)) for k in ("status", "peak_mem_mb"))
+        text = json.dumps(results, indent=2) + "\n"
+        _as_far_as_possible(self.out_dir / METRICS, lambda: metrics.write(final))
+        _as_far_as_possible(
+            self.out_dir / RESULTS,
+            lambda: write_atomic(self.out_dir / RESULTS, lambda tmp: tmp.write_text(text)),
+        )
+        _as_far_as_possible(self.out_dir / METRICS, lambda: metrics.close(results))
+        if self.steps is not None:
+            _as_far_as_possible(self.steps.path, self.steps.close)
+
+
+def _as_far_as_possible(path: Path, write: Callable[[], None]) -> None:
+    """Run `write`; a failure to write `path` (full disk) is logged, not raised over the error
+    that is ending the run."""
+    try:
+        write()
+    except OSError as err:
+        log.error("could not write %s (%s: %s)", path, type(err).__name__, err)
 
 
 def _fmt(scores: dict[str, float]) -> str:
     return " ".join(f"{k}={v:.4f}" for k, v in scores.items())
 
 
-def run(cfg: RunConfig, out_dir: Path) -> dict[str, Any]:
+def run(cfg: RunConfig, out_dir: Path, resume: str = "never") -> dict[str, Any]:
     """Train (unless the method is evaluation-only), test, and write results.json, in a
-    directory claimed for this run (`outputs.claim_run_dir`)."""
-    with claimed(out_dir):
-        return Runner(cfg, out_dir).run()
+    directory claimed for this run (`outputs.claim_run_dir`); with `resume` "allow" or
+    "require", continue the run `out_dir` holds (`outputs.RESUME`)."""
+    with claimed(out_dir, resume=resume):
+        return Runner(cfg, out_dir, resume).run()

@@ -1,61 +1,118 @@
-"""`lozo-exp [train] [overrides]`: compose the run config with Hydra, run it, say where results are.
+"""`lozo-exp [train] [overrides]`: compose the run config with Hydra, run it, say where results are;
+`lozo-exp [train] resume=RUN_DIR`: continue the run in RUN_DIR from its last checkpoint.
 
 A bad setting ends with one readable paragraph and exit status 1, before any model is loaded.
 In a sweep (`-m`) a job that fails still leaves `results.json` with `status` and `error`, the
-sweep goes on, and a summary of every job closes it (`lozo_exp.outputs.SweepSummary`).
+sweep goes on, and a summary of every job closes it (`lozo_exp.outputs.SweepSummary`). A run
+stopped by SIGTERM, SIGUSR1 or SIGUSR2 writes a checkpoint, says "preempted" and exits with 128
++ the signal; a Hydra job that finds its own unfinished run in its directory (SLURM requeued it)
+continues it.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Sequence
+import sys
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from lozo_exp import cli, outputs
-from lozo_exp.config import ConfigError, check_overrides
+from lozo_exp.config import ConfigError, RunConfig, check_overrides
+from lozo_exp.signals import Preempted
 
 log = logging.getLogger("lozo_exp")
+
+RESUME = "resume="
 
 
 def train(dict_cfg: DictConfig) -> float | None:
     """One Hydra job. Returns the dev metric the paper reports (what an Optuna search
     maximises), or None for a job without one (failed, rejected, diverged): a failed trial."""
     hydra_cfg = HydraConfig.get()
-    out_dir = Path(hydra_cfg.runtime.output_dir)
     cli.set_verbosity(bool(hydra_cfg.verbose))
     if os.environ.get("HF_HUB_OFFLINE") == "1":
         log.info("HF_HUB_OFFLINE=1: reading only local files and the hub cache")
-    cfg = None
-    multirun = hydra_cfg.mode == RunMode.MULTIRUN
-    try:
-        # A single run's directory was claimed before Hydra wrote to it (StartGuard); a sweep
-        # job's is claimed here. Released once the job's results are written.
-        outputs.claim_run_dir(out_dir, "hydra.sweep.dir" if multirun else "hydra.run.dir")
+    out_dir = Path(hydra_cfg.runtime.output_dir)
+    sweep = hydra_cfg.mode == RunMode.MULTIRUN
+
+    def config() -> RunConfig:
+        # A single run's directory was claimed before Hydra wrote to it (StartGuard), which
+        # refuses one that holds a run; a sweep job's is claimed here. A job that finds its own
+        # unfinished run there was requeued (the submitit launcher, after a preemption or a
+        # time-out) and continues it.
+        outputs.claim_run_dir(out_dir, "hydra.sweep.dir" if sweep else "hydra.run.dir", "allow")
         cfg = cli.to_object(dict_cfg)
-        if multirun and cfg.logger.group is None:
+        if sweep and cfg.logger.group is None:
             cfg.logger.group = outputs.run_name(Path(hydra_cfg.sweep.dir))  # shared by its jobs
         from lozo_exp.models import resolve_model  # torch: only once a job runs
-        from lozo_exp.runner import run
 
         cfg.model = resolve_model(cfg.model)  # a family read from the checkpoint is known
         check_overrides(cfg, hydra_cfg.overrides.task)
-        results = run(cfg, out_dir)
+        return cfg
+
+    try:
+        return run_job(config, out_dir, "allow", hydra_cfg.job.num if sweep else None)
+    finally:
+        outputs.release_run_dir(out_dir)  # once the job's results are written
+
+
+def resume(run_dir: Path, overrides: Sequence[str], verbose: bool = False) -> float | None:
+    """Continue the run in `run_dir` with the config it ran with (`.hydra/config.yaml`),
+    logging to its log file too."""
+    cli.start(verbose)
+    hydra_yaml = run_dir / ".hydra" / "hydra.yaml"
+    name = OmegaConf.load(hydra_yaml).hydra.job.name if hydra_yaml.is_file() else "train"
+    handler = logging.FileHandler(run_dir / f"{name}.log") if run_dir.is_dir() else None
+    if handler is not None:
+        handler.setFormatter(logging.Formatter(cli.LOG_FORMAT))
+        logging.getLogger().addHandler(handler)
+
+    def stored_config() -> RunConfig:
+        outputs.check_output_dir(run_dir, resume="require")  # finished, or nothing to resume?
+        return cli.stored_run_config(run_dir, overrides)
+
+    try:
+        return run_job(stored_config, run_dir, "require")
+    finally:
+        if handler is not None:
+            logging.getLogger().removeHandler(handler)
+            handler.close()
+
+
+def run_job(
+    make_config: Callable[[], RunConfig], out_dir: Path, resume: str, job: int | None = None
+) -> float | None:
+    """Run one config into `out_dir`; `job`: its number in a sweep, where a failure lets the
+    sweep go on."""
+    cfg = None
+    try:
+        cfg = make_config()
+        from lozo_exp.runner import run  # torch: only once a job runs
+
+        results = run(cfg, out_dir, resume)
+    except outputs.RunFinished as done:
+        print(f"{done}; its results are in {out_dir / outputs.RESULTS}")
+        return None
+    except Preempted as stop:
+        log.warning("%s; continue it with: lozo-exp resume=%s", stop, out_dir)
+        if stop.handed_over is not None:
+            raise stop.handed_over from None  # e.g. submitit's exit after it requeued the job
+        raise SystemExit(stop.exit_status) from None
     except Exception as err:
-        outputs.record_failure(out_dir, err, cfg)
-        outputs.release_run_dir(out_dir)
+        if resume != "require":  # a resume that fails leaves the run as it was
+            outputs.record_failure(out_dir, err, cfg)
         status = outputs.read_status(out_dir)
-        if multirun:
-            log.error("job %d %s (%s): %s", hydra_cfg.job.num, status, out_dir, err)
+        if job is not None:
+            log.error("job %d %s (%s): %s", job, status, out_dir, err)
             return None  # the sweep goes on
         if isinstance(err, ConfigError) or status == "diverged":
             cli.fail(err)  # one paragraph; a crash keeps its traceback
         raise
-    outputs.release_run_dir(out_dir)
     log.info("results: %s", out_dir / outputs.RESULTS)
     print(f"Results are in {out_dir}: results.json, metrics.jsonl, .hydra/")
     dev = results.get("dev") or {}
@@ -63,7 +120,19 @@ def train(dict_cfg: DictConfig) -> float | None:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    cli.run_hydra(train, "config", argv)
+    args = list(sys.argv[1:] if argv is None else argv)
+    runs = [a.removeprefix(RESUME) for a in args if a.startswith(RESUME)]
+    if not runs:
+        cli.run_hydra(train, "config", args)
+        return
+    if len(runs) > 1 or not runs[0]:
+        cli.fail(f"give one run directory to resume (resume=RUN_DIR); got {', '.join(runs)!r}")
+    verbose = "--verbose" in args
+    overrides = [a for a in args if not a.startswith(RESUME) and a != "--verbose"]
+    try:
+        resume(Path(runs[0]).expanduser(), overrides, verbose)
+    except ConfigError as err:
+        cli.fail(err)
 
 
 if __name__ == "__main__":

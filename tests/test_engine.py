@@ -22,6 +22,7 @@ from lozo_exp.optim import (
     Estimator,
     FastEngine,
     MeZO,
+    Placement,
     ZeroOrderOptimizer,
     draw_key,
 )
@@ -33,7 +34,7 @@ DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 def tiny_model(name: str, dtype: str, device: str = "cpu", *overrides: str) -> nn.Module:
     cfg = compose_config(f"model={name}", f"model.dtype={dtype}", *overrides)
     torch.manual_seed(0)
-    return load_model(cfg.model, load_tokenizer(cfg.model)).to(device).eval()
+    return load_model(cfg.model, load_tokenizer(cfg.model), device).eval()
 
 
 def small_opt() -> nn.Module:
@@ -254,7 +255,8 @@ def test_auto_placement_moves_a_linear_in_place_when_its_pass_is_cheaper():
 
         opt.step(closure)
         assert seen == [expected, expected]
-        assert strategy.in_place == set()  # reset after the step
+        assert not strategy.in_place  # reset after the step
+        assert {names[i].split(".")[-2] for i in opt.last_placement().at_plus} == expected
     with pytest.raises(ValueError, match="placement='fastest' is not one of auto, side, in_place"):
         FastEngine(opt, model, placement="fastest")
 
@@ -419,3 +421,51 @@ def test_method_engine_selects_the_path_and_is_validated():
     assert plain.engine is None
     with pytest.raises(ConfigError, match=r"method.engine='turbo' is not one of fast, plain"):
         validate(compose_config("method.engine=turbo"))
+
+
+REPLAYS = [(c, p) for c in ALL for p in [None, *PLACEMENTS] if c is not MeZO or p != "side"]
+
+
+@pytest.mark.parametrize(("cls", "placement"), [*REPLAYS, (HeavyBallMeZO, "auto")])
+def test_a_logged_run_replays_bit_identically_without_the_model(cls, placement):
+    """Replaying each step from its losses, lr and placement (the closure evaluates nothing)
+    runs the same weight passes: weights and optimizer state are bit-identical, in float32,
+    through placements that change from step to step (a step whose matrices go in place only
+    at θ−εd included), a V refresh (interval 4) and a skipped step (loss2 NaN)."""
+    model = small_opt().float()
+    live, replica = copy.deepcopy(model), copy.deepcopy(model)
+    opt, again = make_opt(cls, live), make_opt(cls, replica)
+    if placement:
+        attach(opt, live, placement), attach(again, replica, placement)
+    ids = batch(live)
+    lengths = [(10, 10), (6, 6), (6, 10), (10, 10), (10, 10), (6, 6), (10, 10)]
+    logged = []
+    for k, (first, second) in enumerate(lengths):
+        calls = iter([(ids[:, :first], 1.0), (ids[:, :second], float("nan") if k == 5 else 1.0)])
+
+        def closure(calls=calls):
+            x, scale = next(calls)
+            return live(input_ids=x, labels=x).loss * scale
+
+        for group in opt.param_groups:
+            group["lr"] = 1e-2 / (k + 1)
+        opt.step(closure)
+        logged.append((*opt.last_losses, opt.last_placement(), 1e-2 / (k + 1)))
+    assert opt.projected_grad == opt.projected_grad and logged[5][1] != logged[5][1]  # NaN
+    for loss1, loss2, taken, lr in logged:
+        for group in again.param_groups:
+            group["lr"] = lr
+        again.replay_step(loss1, loss2, taken)
+    for p, q in zip(live.parameters(), replica.parameters(), strict=True):
+        assert torch.equal(p, q)
+    for kept, replayed in zip(opt.state.values(), again.state.values(), strict=True):
+        assert kept.keys() == replayed.keys()
+        assert all(torch.equal(v, replayed[k]) for k, v in kept.items() if torch.is_tensor(v))
+    placements = [taken for *_, taken, _ in logged]
+    if placement == "auto" and cls.low_rank:
+        assert placements[1] == ((), ()) and placements[0].at_plus and not placements[0].at_minus
+        assert placements[2].at_minus and not placements[2].at_plus
+    elif not cls.low_rank or placement is None:
+        assert set(placements) == {None}
+        with pytest.raises(ValueError, match="moves every tensor in place"):
+            again.replay_step(0.0, 0.0, Placement((1,), ()))

@@ -33,6 +33,37 @@ def test_a_directory_holds_a_run_unless_its_run_was_rejected(tmp_path):
         outputs.check_output_dir(tmp_path, "hydra.sweep.dir")
 
 
+def test_a_run_continues_in_its_directory_only_when_resuming_and_resumable(tmp_path):
+    def write(name: str, text: str) -> None:
+        (tmp_path / name).write_text(text)
+
+    assert outputs.check_output_dir(tmp_path, resume="allow") is False  # free: a new run
+    with pytest.raises(ConfigError, match="holds no run to resume"):
+        outputs.check_output_dir(tmp_path, resume="require")
+    write("metrics.jsonl", "")  # a run that stopped before its first checkpoint
+    with pytest.raises(ConfigError, match="has no checkpoint"):
+        outputs.check_output_dir(tmp_path, resume="require")
+    with pytest.raises(outputs.RunDirTaken, match=r"choose a new hydra\.run\.dir$"):
+        outputs.check_output_dir(tmp_path, resume="allow")
+    write("checkpoint.json", "{}")
+    for status in (None, "failed", "preempted"):
+        if status is not None:
+            write("results.json", json.dumps({"status": status}))
+        assert outputs.check_output_dir(tmp_path, resume="allow") is True
+        assert outputs.check_output_dir(tmp_path, resume="require") is True
+        with pytest.raises(outputs.RunDirTaken, match=f"continue it: lozo-exp resume={tmp_path}"):
+            outputs.check_output_dir(tmp_path)  # a new run never continues another
+    for status in outputs.FINISHED:
+        write("results.json", json.dumps({"status": status}))
+        with pytest.raises(outputs.RunFinished, match=f"has {status}: there is nothing to"):
+            outputs.check_output_dir(tmp_path, resume="require")
+        with pytest.raises(outputs.RunDirTaken, match=r"hydra\.run\.dir$"):
+            outputs.check_output_dir(tmp_path)
+    (tmp_path / "results.json").unlink()
+    (tmp_path / "metrics.jsonl").unlink()
+    assert outputs.run_record(tmp_path) == "checkpoint.json"  # killed before metrics.jsonl
+
+
 def test_a_failure_before_the_runner_wrote_results_is_recorded(tmp_path):
     outputs.record_failure(tmp_path, ConfigError("method.lr=-1 must be >= 0"))
     assert json.loads((tmp_path / "results.json").read_text()) == {
@@ -120,7 +151,7 @@ def test_a_claimed_directory_is_refused_to_other_processes_until_released(tmp_pa
         ):
             outputs.claim_run_dir(run)
         with pytest.raises(outputs.RunDirTaken, match="in use"):
-            outputs.claim_run_dir(run, resume=True)  # a resume too
+            outputs.claim_run_dir(run, resume="require")  # a resume too
         with pytest.raises(outputs.RunDirTaken, match="in use"):
             outputs.check_output_dir(run)
     finally:
@@ -133,7 +164,8 @@ def test_a_claimed_directory_is_refused_to_other_processes_until_released(tmp_pa
         (run / outputs.METRICS).write_text("")
         with pytest.raises(outputs.RunDirTaken, match="already holds a run"):
             outputs.claim_run_dir(run)  # ... and a run in it is still refused
-        outputs.claim_run_dir(run, resume=True)  # unless resumed
+        (run / outputs.CHECKPOINT).write_text("{}")
+        assert outputs.claim_run_dir(run, resume="require") is True  # unless resumed
     finally:
         outputs.release_run_dir(run)
     assert not (run / outputs.LOCK).exists()

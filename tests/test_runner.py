@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import resource
 from dataclasses import asdict
 
 import pandas as pd
@@ -15,6 +16,7 @@ from lozo_exp import runner as runner_module
 from lozo_exp.config import ConfigError, RunConfig
 from lozo_exp.data import DataUnavailable, sample_path
 from lozo_exp.methods import METHODS
+from lozo_exp.models import load_model, stand_in_tokenizer
 from lozo_exp.runner import Runner, TrainingDiverged
 from lozo_exp.tracking import MetricsLog
 
@@ -105,9 +107,11 @@ def test_lozo_changes_each_matrix_by_low_rank(tmp_path):
         ("loss", [0.9, 0.5, 0.7], [0.8, 0.6, 0.6]),  # lowest dev loss; the tie keeps step 6
     ],
 )
-def test_the_selected_dev_state_is_used_for_test(
+def test_the_test_sets_are_evaluated_with_each_best_dev_state(
     tmp_path, monkeypatch, select_by, accuracy, dev_loss
 ):
+    """No copy of the weights is kept: the test sets are evaluated when a dev evaluation
+    becomes the best, with the same weights, and those of the last best are reported."""
     cfg = compose_config(
         "method=lozo",
         "trainer.max_steps=9",
@@ -115,55 +119,48 @@ def test_the_selected_dev_state_is_used_for_test(
         f"trainer.select_by={select_by}",
     )
     runner = Runner(cfg, tmp_path)
-    snapshots = []
+    dev_params, tested = {}, []
     scores, losses = iter(accuracy), iter(dev_loss)
     real_evaluate = runner.adapter.evaluate
 
     def fake_evaluate(rows, batch_size):
+        step = runner.state.step
         if rows is runner.splits.dev:
-            snapshots.append(_params(runner))
+            dev_params[step] = _params(runner)
             return {"accuracy": next(scores)}
-        assert all(torch.equal(p, snapshots[1][n]) for n, p in _params(runner).items())
-        return real_evaluate(rows, batch_size)
+        assert all(torch.equal(p, dev_params[step][n]) for n, p in _params(runner).items())
+        tested.append((step, real_evaluate(rows, batch_size)))
+        return tested[-1][1]
 
     monkeypatch.setattr(runner.adapter, "evaluate", fake_evaluate)
     monkeypatch.setattr(runner.adapter, "dev_loss", lambda rows, batch_size: next(losses))
     results = runner.run()
+    assert [step for step, _ in tested] == [3, 6]  # the first evaluation, then the better one
     assert results["best_step"] == 6 and results["select_by"] == select_by
     assert results["dev"] == {"accuracy": accuracy[1], "dev_loss": dev_loss[1]}
+    assert results["test_sets"] == {"test": tested[1][1]} and results["test"] == tested[1][1]
     assert json.loads((tmp_path / "results.json").read_text())["best_step"] == 6
+    assert not hasattr(runner.state, "best_params")
 
 
-@pytest.mark.parametrize("method", ["lozo-m", "ft", "ft trainer.amp=fp16"])  # + loss scaler
-def test_resume_from_run_state_is_exact(tmp_path, method):
-    def runner(steps: int, name: str) -> Runner:
-        cfg = compose_config(
-            *f"method={method}".split(),
-            f"trainer.max_steps={steps}",
-            "trainer.eval_steps=100",
-            "method.batch_size=5",
-        )
-        return Runner(cfg, tmp_path / name)
+def test_big_models_are_built_on_their_device_not_in_host_memory(tmp_path, monkeypatch):
+    """OPT-66B (132 GB in float16) built on the meta device: no weight ever exists in host
+    memory. The runner builds on its own device (`trainer.device`), never on the host first."""
+    cfg = compose_config("model=opt-66b", "model.random_init=true", "model.dtype=float16")
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    model = load_model(cfg.model, stand_in_tokenizer("causal"), "meta")
+    assert {p.device.type for p in model.parameters()} == {"meta"}
+    assert sum(p.numel() for p in model.parameters()) > 65e9
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 2**20  # < 1 GB (KB)
+    devices = []
 
-    def train(r: Runner) -> None:
-        r.out_dir.mkdir(parents=True, exist_ok=True)
-        r.train(MetricsLog(r.out_dir, r.cfg.logger, "t", {}))
+    def spy(model_cfg, tokenizer, device):
+        devices.append(device)
+        return load_model(model_cfg, tokenizer, device)
 
-    whole = runner(8, "whole")
-    train(whole)
-    first = runner(4, "first")
-    train(first)
-    state = first.state.state_dict()
-    torch.manual_seed(123)  # disturb the global generator: the state must carry it
-    second = runner(8, "second")
-    second.state.load_state_dict(state)
-    train(second)
-    assert second.state.step == 8 and (second.state.epoch, second.state.position) == (
-        whole.state.epoch,
-        whole.state.position,
-    )
-    for name, p in _params(whole).items():
-        assert torch.equal(p, _params(second)[name]), name
+    monkeypatch.setattr(runner_module, "load_model", spy)
+    runner = Runner(compose_config(*FAST), tmp_path)
+    assert devices == [runner.device]
 
 
 def test_linear_schedule_decays_the_logged_lr(tmp_path):

@@ -69,6 +69,9 @@ class Method:
 
     config: ClassVar[type[MethodConfig]]
     trains: ClassVar[bool] = True
+    replayable: ClassVar[bool] = False
+    """Whether a logged step can be taken again from its record alone (`replay_step`): a run is
+    then its base weights and its step log, and its checkpoints hold no weights."""
 
     def __init__(self, run: RunConfig):
         self.run = run
@@ -101,6 +104,15 @@ class Method:
         """One training step on the batch `loss_fn` evaluates: its loss and extra values to
         log (e.g. the projected gradient, the gradient norm)."""
         raise NotImplementedError(f"method {self.cfg.name} does not train")
+
+    def step_record(self, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+        """What the step log keeps of the step just taken, beside its loss and lr, so that
+        `replay_step` can take it again (JSON values)."""
+        return {}
+
+    def replay_step(self, optimizer: torch.optim.Optimizer, record: dict[str, Any]) -> None:
+        """Take the logged step `record` again (its lr already set) without the model."""
+        raise NotImplementedError(f"method {self.cfg.name} cannot replay its steps")
 
     def state_dict(self) -> dict[str, Any]:
         """Step state the method keeps outside the optimizer (e.g. a loss scaler)."""

@@ -15,7 +15,15 @@ from torch import nn
 from lozo_exp.config import RunConfig, choices, failing
 from lozo_exp.methods.base import LossFn, Method, TrainingConfig, register
 from lozo_exp.methods.lora import LoRAConfig, LoRAMethod
-from lozo_exp.optim import LOZO, LOZOM, FastEngine, MeZO, ZeroOrderOptimizer, default_param_groups
+from lozo_exp.optim import (
+    LOZO,
+    LOZOM,
+    FastEngine,
+    MeZO,
+    Placement,
+    ZeroOrderOptimizer,
+    default_param_groups,
+)
 
 ENGINES = ("fast", "plain")
 
@@ -78,6 +86,11 @@ class MeZOLoRAConfig(LoRAConfig, MeZOConfig):
 @register
 class MeZOMethod(Method):
     config = MeZOConfig
+    replayable = True  # a step is its two losses, its lr and (fast engine) its placement
+
+    def __init__(self, run: RunConfig):
+        super().__init__(run)
+        self.placement: Placement | None = None  # the last step's, logged where it changes
 
     def common(self, seed: int) -> dict[str, Any]:
         """The arguments every zeroth-order optimizer takes."""
@@ -103,6 +116,22 @@ class MeZOMethod(Method):
 
         loss = optimizer.step(closure)
         return loss, {"projected_grad": optimizer.projected_grad}
+
+    def step_record(self, optimizer: ZeroOrderOptimizer) -> dict[str, Any]:
+        """The second loss (the first is the step's logged loss; g is recomputed from both
+        bit-identically) and, where it changed, the matrices the engine moved in place."""
+        record: dict[str, Any] = {"loss2": optimizer.last_losses[1]}
+        placement = optimizer.last_placement()
+        if placement != self.placement:
+            record["in_place"] = None if placement is None else [list(x) for x in placement]
+            self.placement = placement
+        return record
+
+    def replay_step(self, optimizer: ZeroOrderOptimizer, record: dict[str, Any]) -> None:
+        if "in_place" in record:
+            in_place = record["in_place"]
+            self.placement = None if in_place is None else Placement(*map(tuple, in_place))
+        optimizer.replay_step(record["loss"], record["loss2"], self.placement)
 
 
 @register

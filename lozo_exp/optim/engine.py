@@ -39,6 +39,7 @@ from lozo_exp.optim.estimator import (
     Entry,
     Estimator,
     Factors,
+    Placement,
     add_direction,
     plan_add_directions,
 )
@@ -82,6 +83,15 @@ class FastEngine:
     def step(self, closure: Callable[[], Tensor | float]) -> Tensor | float:
         return self.strategy.step(closure)
 
+    def last_placement(self) -> Placement | None:
+        """The covered matrices the last step moved in place (None: every tensor always moves
+        in place, as in MeZO's and any other non-low-rank estimator's strategy)."""
+        return self.strategy.last_placement()
+
+    def replay_placement(self, placement: Placement | None) -> None:
+        """Run the next step with ``placement`` (a logged step replayed without forwards)."""
+        self.strategy.replay_placement(placement)
+
 
 class Strategy:
     """One way of running an estimator's steps; owns what it keeps between and within steps.
@@ -103,6 +113,16 @@ class Strategy:
     def step(self, closure: Callable[[], Tensor | float]) -> Tensor | float:
         """One step: the same losses and updates as the plain path."""
         raise NotImplementedError
+
+    def last_placement(self) -> Placement | None:
+        return None  # every tensor moves in place, every step
+
+    def replay_placement(self, placement: Placement | None) -> None:
+        if placement is not None and (placement.at_plus or placement.at_minus):
+            raise ValueError(
+                f"{type(self).__name__} moves every tensor in place every step: {placement} is "
+                f"not the placement of one of its steps"
+            )
 
     def group_coefs(self) -> tuple[list[float], list[float]]:
         """This step's lr and β = 1 − lr·wd of each param group."""
@@ -360,26 +380,39 @@ class LowRankSidePath(Strategy):
         self.ahead: tuple[Hashable, dict[int, Factors]] | None = None
         self.padded_v: dict[int, tuple[Hashable, Tensor]] = {}
         # This step: the draws, (U, padded V) of each covered matrix, the perturbation's sign and
-        # size, and the covered matrices that went in place.
+        # size, and the covered matrices that went in place (with the scale they went at).
         self.draws: dict[int, Factors] = {}
         self.factors: dict[int, tuple[Tensor, Tensor]] = {}
         self.scale = 0.0
-        self.in_place: set[int] = set()
+        self.in_place: dict[int, float] = {}
+        self.weights = dict(self.matrices)
+        # The last step's placement, and the one the next step replays (None: forwards choose).
+        self.placement_taken = Placement()
+        self.replayed: Placement | None = None
 
     def step(self, closure: Callable[[], Tensor | float]) -> Tensor | float:
         opt, eps, step = self.opt, self.opt.eps, self.opt.step_count
+        replayed, self.replayed = self.replayed, None
         try:
             self.draws = draws = self._kept_draws(step)
             v_id = opt.v_id(step)
             self.factors = {i: (draws[i][0], self._padded(i, draws[i][1], v_id)) for i in self.side}
             self.one_dim.zs = [draws[i][0] for i, _ in self.one_dim.entries]
-            with _patched(self.forwards):
+            with _patched(self.forwards if replayed is None else []):
                 self.scale = eps
                 self._perturb_in_place(eps)
+                for i in replayed.at_plus if replayed else ():
+                    self._go_in_place(i)
                 loss1 = closure()
                 self.scale = -eps
                 self._perturb_in_place(-2 * eps)
+                for i in replayed.at_minus if replayed else ():
+                    self._go_in_place(i)
                 loss2 = closure()
+            self.placement_taken = Placement(
+                *(tuple(sorted(i for i, s in self.in_place.items() if s * sign > 0))
+                  for sign in (1, -1))
+            )  # fmt: skip
             self.one_dim.move(eps)  # the 1-D tensors' restore needs no g: queued before the sync
             # While the GPU still evaluates loss2: the next step's draws, the update's plan.
             self.ahead = (opt.draw_id(step + 1), self._draw(step + 1))
@@ -387,9 +420,25 @@ class LowRankSidePath(Strategy):
                                       moved=self._moved)  # fmt: skip
             update(opt.slope(loss1, loss2))  # the slope waits for the GPU; None: restore
         finally:
-            self.draws, self.factors, self.in_place = {}, {}, set()
+            self.draws, self.factors, self.in_place = {}, {}, {}
             self.one_dim.zs = []
         return loss1
+
+    def last_placement(self) -> Placement | None:
+        return self.placement_taken
+
+    def replay_placement(self, placement: Placement | None) -> None:
+        """The next step moves these matrices in place, at the evaluation each went at, and its
+        forwards choose nothing (its closure evaluates nothing)."""
+        if placement is not None:
+            bad = set(placement.at_plus) | set(placement.at_minus)
+            if not bad <= self.movable:
+                raise ValueError(
+                    f"matrices {sorted(bad - self.movable)} cannot move in place from a forward "
+                    f"under placement {self.placement!r}: {placement} is not one of this "
+                    f"engine's steps"
+                )
+        self.replayed = placement
 
     def _draw(self, step: int) -> dict[int, Factors]:
         draws = self.opt.draw(self.entries, step)
@@ -436,11 +485,15 @@ class LowRankSidePath(Strategy):
         tokens = x.numel() // n
         return tokens * (n + 2 * m) > 2 * m * n
 
+    def _go_in_place(self, index: int) -> None:
+        """From now on W itself carries θ + scale·d (chosen in its forward, or replayed)."""
+        self.in_place[index] = self.scale
+        add_direction(self.weights[index], self.draws[index], self.scale)
+
     def _linear_forward(self, index: int, module: nn.Linear) -> Callable[[Tensor], Tensor]:
         def forward(x: Tensor) -> Tensor:
             if index not in self.in_place and self._moves_in_place(index, module.weight, x):
-                self.in_place.add(index)  # from now on W itself carries θ + scale·d
-                add_direction(module.weight, self.draws[index], self.scale)
+                self._go_in_place(index)
             out = nn.Linear.forward(module, x)
             if index in self.in_place:
                 return out

@@ -16,7 +16,7 @@ m×n view (m = its first dimension). ``add_direction`` and ``plan_add_directions
 from __future__ import annotations
 
 from collections.abc import Callable, Hashable
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, NamedTuple, Protocol, runtime_checkable
 
 from torch import Tensor
 
@@ -95,11 +95,35 @@ class Estimator(Protocol):
         ...
 
 
+class Placement(NamedTuple):
+    """The matrices (by index) a runner moved in place during one step's evaluation at θ+εd
+    (``at_plus``) and during the one at θ−εd (``at_minus``), where it chose that per step (beyond
+    those it always moves in place). The weights' bits depend on it: a matrix moved in place
+    holds θ−εd when the update folds in its restore."""
+
+    at_plus: tuple[int, ...] = ()
+    at_minus: tuple[int, ...] = ()
+
+
 class StepEngine(Protocol):
-    """Runs an optimizer's steps (``ZeroOrderOptimizer.use_engine``), e.g. `FastEngine`."""
+    """Runs an optimizer's steps (``ZeroOrderOptimizer.use_engine``), e.g. `FastEngine`.
+
+    A step's weight passes must be a function of (the estimator's draws, the losses, the lrs,
+    and ``last_placement``), so that a logged step can be replayed without evaluating the model
+    (``ZeroOrderOptimizer.replay_step``) into bit-identical weights."""
 
     def step(self, closure: Callable[[], Tensor | float]) -> Tensor | float:
         """One step under ``torch.no_grad``; returns loss1, the loss at θ+εd."""
+        ...
+
+    def last_placement(self) -> Placement | None:
+        """Where the last step moved matrices in place by its own choice; None when it chooses
+        nothing per step."""
+        ...
+
+    def replay_placement(self, placement: Placement | None) -> None:
+        """Take the next step with ``placement`` instead of choosing it during the evaluations
+        (that step is a logged one replayed: its closure does not evaluate the model)."""
         ...
 
 

@@ -21,7 +21,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from lozo_exp.optim import kernels
-from lozo_exp.optim.estimator import Entry, Factors, Finish, StepEngine, add_direction
+from lozo_exp.optim.estimator import Entry, Factors, Finish, Placement, StepEngine, add_direction
 
 Draw = tuple[Tensor, tuple[int, ...], int, str]
 """A keyed draw: (tensor whose dtype and device it takes, shape, tensor index, kind)."""
@@ -133,6 +133,23 @@ class ZeroOrderOptimizer(Optimizer):
             loss1 = run(closure)
         self.step_count += 1
         return loss1
+
+    def replay_step(self, loss1: float, loss2: float, placement: Placement | None = None) -> None:
+        """Take again a step that was taken with these losses (``last_losses``) and, on an engine
+        that chooses it per step, this ``last_placement``: the same weight passes run, the
+        closure returning the logged losses, so weights and state come out bit-identical to the
+        step's (nothing is evaluated). A run's weights are its base weights and its steps' log."""
+        if self.engine is not None:
+            self.engine.replay_placement(placement)
+        elif placement is not None and (placement.at_plus or placement.at_minus):
+            raise ValueError(f"the plain path moves every tensor in place: {placement} is not")
+        losses = iter((loss1, loss2))
+        self.step(lambda: next(losses))
+
+    def last_placement(self) -> Placement | None:
+        """Where the engine moved matrices in place by its own choice in the last step (None:
+        nothing is chosen per step); ``replay_step`` needs it."""
+        return None if self.engine is None else self.engine.last_placement()
 
     def _plain_step(self, closure: Callable[[], Tensor | float]) -> Tensor | float:
         """The reference path: perturb, evaluate, perturb, evaluate, restore, update, in place,
