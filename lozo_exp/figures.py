@@ -17,6 +17,7 @@ from lozo_exp.report import (
     TASK_ORDER,
     Cell,
     Run,
+    by_size,
     ordered,
     table_columns,
     table_groups,
@@ -127,7 +128,7 @@ def memory(table: pd.DataFrame) -> Figure:
     shown = table[table["peak_gib"].notna() | table["note"].notna() | table["paper_gb"].notna()]
     if not len(shown):
         return _empty("peak memory", "no completed run reported its peak memory")
-    models = list(dict.fromkeys(shown["model"]))
+    models = by_size(shown["model"])
     methods = ordered(set(shown["method"]), METHOD_ORDER)
     per_method = 2 if shown["paper_gb"].notna().any() else 1
     width = 0.8 / (len(methods) * per_method)

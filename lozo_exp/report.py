@@ -21,6 +21,7 @@ import argparse
 import json
 import logging
 import math
+import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -378,6 +379,19 @@ def ordered(values: Iterable[str], order: Sequence[str]) -> list[str]:
     return [v for v in order if v in values] + sorted(values - set(order))
 
 
+def by_size(models: Iterable[str]) -> list[str]:
+    """Model names smallest first where they end in a size (`opt-1.3b` before `opt-13b`)."""
+
+    def key(name: str) -> tuple[str, float, str]:
+        found = re.search(r"^(.*?)-?(\d+(?:\.\d+)?)([mb])$", name)
+        if not found:
+            return name, math.inf, name
+        family, number, unit = found.groups()
+        return family, float(number) * (1e6 if unit == "m" else 1e9), name
+
+    return sorted(set(models), key=key)
+
+
 def table_groups(cells: Sequence[Cell]) -> dict[tuple[str, Any], list[Cell]]:
     """Cells per table: one table per (model, k)."""
     groups: dict[tuple[str, Any], list[Cell]] = {}
@@ -573,7 +587,7 @@ def write_memory(memory: pd.DataFrame, out: Path) -> None:
     memory.to_csv(out / "memory.csv", index=False)
     wide = memory.assign(text=memory.apply(memory_text, axis=1))
     wide = wide.pivot(index="model", columns="method", values="text")
-    wide = wide[ordered(wide.columns, METHOD_ORDER)].fillna("not run")
+    wide = wide.loc[by_size(memory["model"]), ordered(wide.columns, METHOD_ORDER)].fillna("not run")
     (out / "memory.md").write_text(
         "# Peak memory\n\nPeak GPU memory allocated (CPU runs: the peak resident memory), the "
         "maximum over the completed runs of a model and method; the papers' values beside it "

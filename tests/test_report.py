@@ -307,13 +307,17 @@ def test_memory_table_says_when_a_model_does_not_fit(tmp_path):
         peak_mem_mb=25 * 1024,
     )
     write_run(runs, "b", ["model=opt-13b", "method=ft"], status="failed", error=oom)
-    for d in ("a", "b"):  # as the memory preset's runs
+    write_run(
+        runs, "c", ["model=opt-2.7b", "method=mezo"], dev=0.5, tests={"test": 0.5}, peak_mem_mb=5120
+    )
+    for d in ("a", "b", "c"):  # as the memory preset's runs
         path = runs / d / ".hydra" / "overrides.yaml"
         path.write_text(yaml.safe_dump(yaml.safe_load(path.read_text()) + overrides))
     report.report([runs], tmp_path / "out")
     md = (tmp_path / "out" / "memory.md").read_text()
     assert "25.0 GiB (paper 26 GB)" in md
     assert "does not fit on one 139.81 GiB GPU (paper 316 GB on 4 GPUs)" in md
+    assert md.index("| opt-2.7b |") < md.index("| opt-13b |")  # by size, not by name
 
 
 def test_a_single_run_is_a_report(tmp_path):
