@@ -184,7 +184,7 @@ def exactness(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         f"trainer.max_steps={args.exact_steps}",
         "trainer.eval_steps=20",
         "trainer.log_steps=5",
-        "trainer.checkpoint_steps=7",
+        f"trainer.checkpoint_steps={args.exact_checkpoint_steps}",
         "trainer.save_final=true",
     ]
     procs, cases = {}, {}
@@ -345,6 +345,8 @@ def main() -> None:
     p.add_argument("--exact-methods", nargs="+", default=["lozo", "lozo-m", "mezo", "ft"])
     p.add_argument("--exact-steps", type=int, default=60)
     p.add_argument("--kill-at", type=int, default=23)
+    # FT of OPT-1.3B writes 15 GB (fp32 weights and AdamW moments) per checkpoint
+    p.add_argument("--exact-checkpoint-steps", type=int, default=7)
     p.add_argument("--control", nargs="*", default=["ft"])
     p.add_argument("--replay-model", default="opt-13b")
     p.add_argument("--replay-steps", type=int, default=200)
