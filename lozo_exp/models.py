@@ -330,13 +330,25 @@ def _architecture(cfg: ModelConfig, vocab_size: int) -> PretrainedConfig:
     return AutoConfig.for_model(ARCH_TYPE[cfg.family], **arch)
 
 
-def parameter_count(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase) -> int:
-    """The parameters of the model `load_model` builds, counted on the meta device (nothing is
-    allocated: seconds even for OPT-66B). A vocabulary grown for the tokenizer is not counted."""
-    config = _architecture(cfg, vocab_size=len(tokenizer))
+def _meta_model(cfg: ModelConfig, vocab_size: int) -> PreTrainedModel:
+    """The architecture `load_model` builds, on the meta device: nothing is allocated, seconds
+    even for OPT-66B."""
+    config = _architecture(cfg, vocab_size)
     with torch.device("meta"):
-        model = AUTO_MODEL[cfg.family].from_config(config)
-    return sum(p.numel() for p in model.parameters())
+        return AUTO_MODEL[cfg.family].from_config(config)
+
+
+def parameter_count(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase) -> int:
+    """The parameters of the model `load_model` builds (a meta-device build). A vocabulary
+    grown for the tokenizer is not counted."""
+    return sum(p.numel() for p in _meta_model(cfg, len(tokenizer)).parameters())
+
+
+def module_types(cfg: ModelConfig) -> dict[str, type[nn.Module]]:
+    """The full name and class of every module of the model `load_model` builds (a meta-device
+    build), e.g. to check module names before the weights load."""
+    model = _meta_model(cfg, vocab_size=2**16)  # any size past the special tokens' ids
+    return {name: type(module) for name, module in model.named_modules() if name}
 
 
 def load_model(

@@ -259,6 +259,16 @@ CASES = {
     "a negative lora_alpha": Case(
         ["method=mezo-lora", "method.lora_alpha=-16"], r"method\.lora_alpha=-16 must be > 0"
     ),
+    "a LoRA target module the model lacks": Case(
+        ["method=mezo-lora", "method.target_modules=[foo]"],
+        r"method\.target_modules=\['foo'\] names no module of model tiny-opt; LoRA adapts its "
+        r"Linear modules: k_proj, v_proj, q_proj, out_proj, fc1, fc2, lm_head\.$",
+    ),
+    "a LoRA module to save the model lacks (peft would skip it)": Case(
+        [ROBERTA, "method=ft-lora", "method.modules_to_save=[lm_head,nope]"],
+        r"method\.modules_to_save: 'nope' is not a module of model tiny-roberta \(peft would skip "
+        r"it and train the adapters alone\); its modules are named: .*\bquery\b.*\blm_head\b",
+    ),
     # -- keys the model family ignores
     "task.k on OPT": Case(
         ["task.k=32"], r"task\.k=32 is not used on a causal model \(model tiny-opt\)"

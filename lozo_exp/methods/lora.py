@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from omegaconf import MISSING
 from torch import nn
 
-from lozo_exp.config import MethodConfig, RunConfig, failing
+from lozo_exp.config import ConfigError, MethodConfig, RunConfig, choices, failing
 from lozo_exp.methods.base import Method
 
 log = logging.getLogger(__name__)
@@ -37,8 +37,46 @@ class LoRAConfig(MethodConfig):
         )
 
 
+def _matches(name: str, module: str) -> bool:
+    """peft's rule for a module named in a list: the full name, or its last dotted parts."""
+    return module == name or module.endswith("." + name)
+
+
+def module_problems(cfg: LoRAConfig, modules: dict[str, type[nn.Module]], model: str) -> list[str]:
+    """What is wrong with `cfg`'s module names for a model of `modules` (full name: class).
+    peft fails only when no target matches, and skips a module to save that matches nothing,
+    which would train the adapters alone without a word."""
+    leaves = dict.fromkeys(leaf for n in modules if not (leaf := n.rsplit(".", 1)[-1]).isdigit())
+    linear = dict.fromkeys(n.rsplit(".", 1)[-1] for n, t in modules.items() if t is nn.Linear)
+    unmatched = [x for x in cfg.target_modules if not any(_matches(x, m) for m in modules)]
+    bad = []
+    if unmatched == list(cfg.target_modules):
+        bad.append(
+            f"method.target_modules={unmatched} names no module of model {model}; LoRA adapts "
+            f"its Linear modules: {choices(linear)}"
+        )
+    elif unmatched:  # a list for several architectures (model=local) names some that are absent
+        log.warning("LoRA: %s name no module of model %s", ", ".join(unmatched), model)
+    bad += [
+        f"method.modules_to_save: {x!r} is not a module of model {model} (peft would skip it "
+        f"and train the adapters alone); its modules are named: {choices(leaves)}"
+        for x in cfg.modules_to_save
+        if not any(_matches(x, m) for m in modules)
+    ]
+    return bad
+
+
 class LoRAMethod(Method):
     """Wraps the model with peft's LoRA before the method's own preparation."""
+
+    def __init__(self, run: RunConfig):
+        super().__init__(run)
+        if run.model.family is not None:  # the runner builds the method for a resolved model
+            from lozo_exp.models import module_types
+
+            # a meta-device build: a name the model lacks fails before its weights load
+            if bad := module_problems(self.cfg, module_types(run.model), run.model.name):
+                raise ConfigError("Invalid configuration: " + "; ".join(bad) + ".")
 
     def memory_floor(self, n_params: int, bytes_per_param: int) -> tuple[int, str]:
         return n_params * bytes_per_param, "the frozen weights"  # the adapters are tiny
