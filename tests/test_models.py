@@ -8,6 +8,7 @@ import copy
 import dataclasses
 import json
 import logging
+import re
 from pathlib import Path
 
 import pytest
@@ -311,3 +312,23 @@ def test_demo_prints_before_and_after_and_reports(tmp_path, capsys):
     assert list(curves.columns) == ["lozo"] and list(curves.index) == [2, 4]
     assert "zero-shot" in printed and "Training loss" in printed
     assert (tmp_path / "report" / "loss_curves.png").is_file()
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--methods", "lozo,nope"], r"method=nope is not an option of method; its options are"),
+        (["--methods", "lozo", "method.rank=0"], r"method\.rank=0 must be a positive integer"),
+    ],
+)
+def test_demo_checks_every_run_before_the_first(tmp_path, capsys, args, message):
+    """A bad method or method key fails before the zero-shot run, which would write and take
+    minutes on a real model."""
+    from lozo_exp import demo
+
+    with pytest.raises(SystemExit) as exit_:
+        demo.main(["--model", "tiny-opt", "--out", str(tmp_path / "demo"), *args, *FAST])
+    assert exit_.value.code == 1
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.startswith("lozo-exp: ") and re.search(message, last), last
+    assert not (tmp_path / "demo").exists()
