@@ -130,10 +130,16 @@ def read_run(path: Path) -> Run | None:
     config = flatten(tree) if isinstance(tree, dict) else {}
     if not all(k in config for k in ("model.name", "task.name", "method.name")):
         return None
-    overrides_file = path / ".hydra" / "overrides.yaml"
-    overrides = [str(o) for o in _yaml(overrides_file) or []] if overrides_file.is_file() else []
-    results_file = path / "results.json"
-    results = json.loads(results_file.read_text()) if results_file.is_file() else {}
+    read = {".hydra/overrides.yaml": _yaml, "results.json": lambda f: json.loads(f.read_text())}
+    found: dict[str, Any] = {}
+    for name, parse in read.items():
+        try:
+            found[name] = parse(path / name) if (path / name).is_file() else None
+        except Exception as err:  # as for the config: say so, read the others
+            log.warning("skipping %s: its %s cannot be read (%s)", path, name, err)
+            return None
+    overrides = [str(o) for o in found[".hydra/overrides.yaml"] or []]
+    results = found["results.json"] or {}
     return Run(path, config, overrides, results, _json_lines(path / "metrics.jsonl"))
 
 

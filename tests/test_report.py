@@ -327,6 +327,19 @@ def test_a_single_run_is_a_report(tmp_path):
     assert all((tmp_path / "out" / f"{n}.png").is_file() for n in FIGURES)
 
 
+@pytest.mark.parametrize(
+    ("name", "text"),
+    [("results.json", "{bad"), (".hydra/overrides.yaml", "[unclosed")],
+)
+def test_a_run_with_an_unreadable_file_is_skipped_with_a_warning(tmp_path, caplog, name, text):
+    """A hand-edited or half-copied file loses its run, not the report of the others."""
+    good = write_run(tmp_path, "good", opt("sst2", "lozo", 1e-6), dev=0.9, tests={"test": 0.9})
+    bad = write_run(tmp_path, "bad", opt("sst2", "lozo", 1e-7), dev=0.8, tests={"test": 0.8})
+    (bad / name).write_text(text)
+    assert [run.path for run in report.read_runs([tmp_path])] == [good]
+    assert f"skipping {bad}: its {name} cannot be read" in caplog.text
+
+
 def lozo_exp_report(*args: str | Path) -> subprocess.CompletedProcess:
     """`lozo-exp report ARGS` in a fresh process."""
     return subprocess.run(
