@@ -41,6 +41,26 @@ def read_metrics(out_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
 
 
+LOZO_EXP = [sys.executable, "-m", "lozo_exp"]
+"""The command `lozo-exp`, for a fresh process (e.g. one that a test kills)."""
+
+
+def run_cli(
+    cwd: Path | None, *args: str | Path, timeout: float = 600, **kwargs
+) -> subprocess.CompletedProcess:
+    """`lozo-exp ARGS` run to its end in a fresh process in `cwd`, offline, its stdout and
+    stderr captured as text."""
+    return subprocess.run(
+        [*LOZO_EXP, *map(str, args)],
+        cwd=cwd,
+        env={**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"},
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        **kwargs,
+    )
+
+
 def hold_run_dir(directory: Path) -> subprocess.Popen:
     """Another process that claims `directory` for its run and holds it until its stdin
     closes (`proc.stdin.close(); proc.wait()`), or it is killed."""

@@ -7,26 +7,15 @@ import json
 import os
 import re
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from conftest import LOZO_EXP, run_cli
 
 from lozo_exp.__main__ import COMMANDS
 from lozo_exp.config import TrainerConfig
 
 QUICK = ("trainer.max_steps=2", "trainer.eval_steps=2")
-
-
-def cli(cwd: Path, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "lozo_exp", *args],
-        cwd=cwd,
-        env={**os.environ, "HF_HUB_OFFLINE": "1"},
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
 
 
 def snapshot(directory: Path) -> dict[str, bytes]:
@@ -49,7 +38,7 @@ def one_paragraph(done: subprocess.CompletedProcess) -> str:
 
 @pytest.mark.slow  # a full default run in a subprocess (in-process: test_smoke)
 def test_default_run_says_where_its_results_are(tmp_path):
-    done = cli(tmp_path)
+    done = run_cli(tmp_path)
     assert done.returncode == 0, done.stderr
     line = next(x for x in done.stdout.splitlines() if x.startswith("Results are in"))
     out = Path(line.split("Results are in ")[1].split(":")[0])
@@ -61,7 +50,7 @@ def test_default_run_says_where_its_results_are(tmp_path):
 
 @pytest.mark.slow  # two runs in a subprocess
 def test_a_sweep_is_one_directory_with_jobs_named_by_their_values(tmp_path):
-    done = cli(tmp_path, "-m", "task=sst2,rte", "method=lozo", "method.lr=1e-6", *QUICK)
+    done = run_cli(tmp_path, "-m", "task=sst2,rte", "method=lozo", "method.lr=1e-6", *QUICK)
     assert done.returncode == 0, done.stderr
     (sweep,) = tmp_path.glob("multirun/*/*")  # one per invocation, whatever the tasks
     jobs = job_results(sweep)
@@ -77,7 +66,7 @@ def test_a_sweep_is_one_directory_with_jobs_named_by_their_values(tmp_path):
 def test_failed_jobs_leave_results_the_sweep_goes_on_and_ends_with_a_summary(tmp_path):
     # lr 1e30 diverges; lr -1 is rejected before the job starts; a hidden size the 4 attention
     # heads do not divide: a crash when the model is built.
-    done = cli(tmp_path, "-m", "method.lr=1e30,-1", "model.arch.hidden_size=64,66", *QUICK)
+    done = run_cli(tmp_path, "-m", "method.lr=1e30,-1", "model.arch.hidden_size=64,66", *QUICK)
     assert done.returncode == 1
     (sweep,) = tmp_path.glob("multirun/*/*")
     jobs = {name.split("_")[0]: results for name, results in job_results(sweep).items()}
@@ -98,14 +87,14 @@ def test_failed_jobs_leave_results_the_sweep_goes_on_and_ends_with_a_summary(tmp
 @pytest.mark.slow  # a rejected run, then a real one in its directory
 def test_a_rejected_run_leaves_its_directory_free_and_a_run_is_never_overwritten(tmp_path):
     run_dir = tmp_path / "run"
-    bad = cli(tmp_path, "method=lozo", "method.interval=0", f"hydra.run.dir={run_dir}")
+    bad = run_cli(tmp_path, "method=lozo", "method.interval=0", f"hydra.run.dir={run_dir}")
     assert one_paragraph(bad).endswith("method.interval=0 must be a positive integer.")
     assert json.loads((run_dir / "results.json").read_text())["status"] == "rejected"
 
-    assert cli(tmp_path, *QUICK, f"hydra.run.dir={run_dir}").returncode == 0  # reused
+    assert run_cli(tmp_path, *QUICK, f"hydra.run.dir={run_dir}").returncode == 0  # reused
     before = snapshot(run_dir)
     assert json.loads(before["results.json"])["status"] == "completed"
-    again = cli(tmp_path, "method=lozo", f"hydra.run.dir={run_dir}")
+    again = run_cli(tmp_path, "method=lozo", f"hydra.run.dir={run_dir}")
     assert one_paragraph(again) == (
         f"output directory {run_dir} already holds a run ({run_dir}/metrics.jsonl); a run "
         f"never overwrites another: choose a new hydra.run.dir"
@@ -116,7 +105,7 @@ def test_a_rejected_run_leaves_its_directory_free_and_a_run_is_never_overwritten
 @pytest.mark.slow  # two real runs at once
 def test_two_runs_started_together_into_one_directory_one_is_refused(tmp_path):
     run_dir = tmp_path / "run"
-    args = [sys.executable, "-m", "lozo_exp", *QUICK, f"hydra.run.dir={run_dir}"]
+    args = [*LOZO_EXP, *QUICK, f"hydra.run.dir={run_dir}"]
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     procs = [
         subprocess.Popen(args, cwd=tmp_path, env=env, stderr=subprocess.PIPE, text=True)
@@ -144,7 +133,7 @@ def test_a_run_refuses_a_directory_that_holds_a_run_before_writing_anything(tmp_
     ]:
         (run_dir / name).write_text(text)
     before = snapshot(run_dir)
-    done = cli(tmp_path, "method=lozo", f"hydra.run.dir={run_dir}")
+    done = run_cli(tmp_path, "method=lozo", f"hydra.run.dir={run_dir}")
     assert one_paragraph(done) == (
         f"output directory {run_dir} already holds a run ({run_dir}/results.json); a run "
         f"never overwrites another: choose a new hydra.run.dir"
@@ -153,7 +142,7 @@ def test_a_run_refuses_a_directory_that_holds_a_run_before_writing_anything(tmp_
 
 
 def test_jobs_rejected_before_they_start_leave_results_and_fail_the_sweep(tmp_path):
-    done = cli(tmp_path, "-m", "+trainer.foo=1,2", "hydra.sweep.dir=sweep")
+    done = run_cli(tmp_path, "-m", "+trainer.foo=1,2", "hydra.sweep.dir=sweep")
     assert done.returncode == 1
     error = "trainer.foo is not a key of trainer; its keys are: " + ", ".join(
         TrainerConfig.__dataclass_fields__
@@ -173,7 +162,7 @@ def test_a_sweep_refuses_a_directory_that_holds_a_run(tmp_path):
     (job / "metrics.jsonl").write_text('{"step": 1}\n')
     (sweep / "multirun.yaml").write_text("hydra: {}\n")
     before = snapshot(sweep)
-    done = cli(tmp_path, "-m", "method.lr=1e-6,1e-7", f"hydra.sweep.dir={sweep}")
+    done = run_cli(tmp_path, "-m", "method.lr=1e-6,1e-7", f"hydra.sweep.dir={sweep}")
     assert "choose a new hydra.sweep.dir" in one_paragraph(done)
     assert snapshot(sweep) == before
 
@@ -191,16 +180,16 @@ def test_a_sweep_refuses_a_directory_that_holds_a_run(tmp_path):
     ],
 )
 def test_a_compose_error_is_one_paragraph_before_anything_is_written(tmp_path, override, message):
-    done = cli(tmp_path, override)
+    done = run_cli(tmp_path, override)
     assert one_paragraph(done).startswith(message)
     assert list(tmp_path.iterdir()) == []
 
 
 def test_help_lists_the_commands_and_config_groups(tmp_path):
-    done = cli(tmp_path, "--help")
+    done = run_cli(tmp_path, "--help")
     assert done.returncode == 0, done.stderr
     for command in COMMANDS:
         assert re.search(rf"^lozo-exp \[?{command}\b", done.stdout, re.MULTILINE), command
     assert "method: ft, ft-lora, icl, lozo, lozo-m, mezo, mezo-lora, zero-shot" in done.stdout
-    typo = cli(tmp_path, "trian")
+    typo = run_cli(tmp_path, "trian")
     assert typo.returncode != 0 and "'trian' is neither a command" in typo.stderr

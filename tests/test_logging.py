@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
 import resource
 import subprocess
 import sys
@@ -15,7 +14,7 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import compose_config, read_metrics
+from conftest import compose_config, read_metrics, run_cli
 
 from lozo_exp import tracking
 from lozo_exp.config import ConfigError, LoggerConfig, validate
@@ -229,14 +228,7 @@ def test_runs_of_a_sweep_share_a_group_and_names_are_unique_across_sweeps(tmp_pa
             "logger=wandb",
             f"hydra.sweep.dir=sweeps/{sweep}",
         ]
-        done = subprocess.run(
-            [sys.executable, "-m", "lozo_exp", *args, *group],
-            cwd=tmp_path,
-            env={**os.environ, "HF_HUB_OFFLINE": "1"},
-            capture_output=True,
-            text=True,
-            timeout=600,
-        )
+        done = run_cli(tmp_path, *args, *group)
         assert done.returncode == 0, done.stderr
     runs = {
         job.relative_to(tmp_path).as_posix(): read_wandb(job).run

@@ -9,8 +9,6 @@ from __future__ import annotations
 import functools
 import json
 import os
-import subprocess
-import sys
 from collections import Counter
 from pathlib import Path
 
@@ -18,7 +16,7 @@ import hydra
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import CONF
+from conftest import CONF, run_cli
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import HydraException, MissingConfigException
 from hydra.utils import get_class
@@ -374,19 +372,8 @@ def test_a_launcher_without_its_plugin_names_the_extra_to_install():
 # -- command line ------------------------------------------------------------------------------
 
 
-def lozo_exp(cwd: Path, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "lozo_exp", *args],
-        cwd=cwd,
-        env={**os.environ, "HF_HUB_OFFLINE": "1"},
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
-
-
 def test_a_preset_narrowed_to_nothing_stops_before_anything_is_written(tmp_path):
-    done = lozo_exp(tmp_path, "-m", "+experiment=smoke_grid", "method=ft")
+    done = run_cli(tmp_path, "-m", "+experiment=smoke_grid", "method=ft")
     assert done.returncode == 1 and "Traceback" not in done.stderr
     assert (
         "lozo-exp: no job left: method=ft matches none of the sweep's grids (mezo:" in done.stderr
@@ -397,14 +384,14 @@ def test_a_preset_narrowed_to_nothing_stops_before_anything_is_written(tmp_path)
 @pytest.mark.slow  # Hydra composes every job before launching any
 def test_a_grid_with_a_meaningless_combination_stops_before_any_job(tmp_path):
     bad = "+hydra.sweeper.grids.bad={method: mezo, method.rank: 2}"  # MeZO has no rank
-    done = lozo_exp(tmp_path, "-m", "+experiment=smoke_grid", bad)
+    done = run_cli(tmp_path, "-m", "+experiment=smoke_grid", bad)
     assert done.returncode == 1 and "Traceback" not in done.stderr
     assert "method.rank is not a key of method mezo" in done.stderr
     assert not list(tmp_path.glob("multirun/*/*/*/results.json"))
 
 
 def run_report(sweep: Path, out: Path) -> pd.DataFrame:
-    done = lozo_exp(sweep.parent, "report", str(sweep), "--out", str(out))
+    done = run_cli(sweep.parent, "report", str(sweep), "--out", str(out))
     assert done.returncode == 0, done.stderr
     assert all((out / f).is_file() for f in ("table.md", "table.csv", "table.tex", "cells.csv"))
     for name in FIGURES:
@@ -415,7 +402,7 @@ def run_report(sweep: Path, out: Path) -> pd.DataFrame:
 @pytest.mark.slow  # 8 tiny runs, then the report
 def test_the_smoke_grid_end_to_end(tmp_path):
     sweep = tmp_path / "sweep"
-    done = lozo_exp(tmp_path, "-m", "+experiment=smoke_grid", f"hydra.sweep.dir={sweep}")
+    done = run_cli(tmp_path, "-m", "+experiment=smoke_grid", f"hydra.sweep.dir={sweep}")
     assert done.returncode == 0, done.stderr
     assert f"Sweep {sweep}: 8 jobs (8 completed)" in done.stdout
     runs = run_report(sweep, tmp_path / "report")
@@ -440,7 +427,7 @@ def test_submitit_local_runs_each_job_in_its_own_process_and_a_failure_stays_its
     sweep = tmp_path / "sweep"
     crash = "+hydra.sweeper.grids.crash={method: mezo, model.arch.num_attention_heads: 3}"
     bad = "+hydra.sweeper.grids.bad={method: lozo, trainer.device: 'cuda:99'}"
-    done = lozo_exp(
+    done = run_cli(
         tmp_path,
         "-m",
         "+experiment=smoke_grid",

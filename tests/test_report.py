@@ -6,10 +6,7 @@ from __future__ import annotations
 import functools
 import json
 import math
-import os
 import re
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +14,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import yaml
-from conftest import CONF
+from conftest import CONF, run_cli
 from omegaconf import DictConfig, OmegaConf
 
 from lozo_exp import cli, report
@@ -340,20 +337,9 @@ def test_a_run_with_an_unreadable_file_is_skipped_with_a_warning(tmp_path, caplo
     assert f"skipping {bad}: its {name} cannot be read" in caplog.text
 
 
-def lozo_exp_report(*args: str | Path) -> subprocess.CompletedProcess:
-    """`lozo-exp report ARGS` in a fresh process."""
-    return subprocess.run(
-        [sys.executable, "-m", "lozo_exp", "report", *map(str, args)],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env={**os.environ, "HF_HUB_OFFLINE": "1"},
-    )
-
-
 def test_no_runs_and_missing_paths_are_one_clear_error(tmp_path):
     (tmp_path / "empty").mkdir()
-    done = lozo_exp_report(tmp_path / "empty", "--out", tmp_path / "out")
+    done = run_cli(None, "report", tmp_path / "empty", "--out", tmp_path / "out")
     assert done.returncode == 1 and "Traceback" not in done.stderr
     assert "lozo-exp: found no runs under" in done.stderr and ".hydra/config.yaml" in done.stderr
     missing = re.escape(f"{tmp_path / 'nowhere'} does not exist: ")
@@ -365,25 +351,16 @@ def test_no_runs_and_missing_paths_are_one_clear_error(tmp_path):
 @pytest.mark.slow
 def test_a_real_sweep_end_to_end(tmp_path):
     """Two ZO methods × two seeds of real tiny runs, then the report on their directory."""
-    sweep = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "lozo_exp",
-            "-m",
-            "method=mezo,lozo",
-            "seed=0,1",
-            "trainer.max_steps=10",
-            "trainer.eval_steps=5",
-        ],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    sweep = run_cli(
+        tmp_path,
+        "-m",
+        "method=mezo,lozo",
+        "seed=0,1",
+        "trainer.max_steps=10",
+        "trainer.eval_steps=5",
     )
     assert sweep.returncode == 0, sweep.stderr
-    done = lozo_exp_report(tmp_path / "multirun", "--out", tmp_path / "report")
+    done = run_cli(None, "report", tmp_path / "multirun", "--out", tmp_path / "report")
     assert done.returncode == 0, done.stderr
     out = tmp_path / "report"
     runs = pd.read_csv(out / "runs.csv")

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import compose_config, read_metrics, run_overrides
+from conftest import LOZO_EXP, compose_config, read_metrics, run_cli, run_overrides
 from omegaconf import OmegaConf
 from safetensors.torch import load_file
 
@@ -363,7 +363,7 @@ def test_the_resume_command(tmp_path, monkeypatch, capsys, caplog, whole_runs):
 
 def lozo_exp(*args: str, **kwargs) -> subprocess.Popen:
     return subprocess.Popen(
-        [sys.executable, "-m", "lozo_exp", *args],
+        [*LOZO_EXP, *args],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
@@ -387,12 +387,7 @@ def kill_at(run_dir: Path, step: int, signum: int, *overrides: str) -> tuple[int
 
 
 def resume_command(run_dir: Path) -> str:
-    done = subprocess.run(
-        [sys.executable, "-m", "lozo_exp", f"resume={run_dir}"],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    done = run_cli(None, f"resume={run_dir}", timeout=300)
     assert done.returncode == 0, done.stderr
     return done.stderr
 

@@ -4,14 +4,11 @@ the family's paper defaults, and a five-seed multirun of one cell."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
-from conftest import compose_config, read_metrics, run_overrides
+from conftest import compose_config, read_metrics, run_cli, run_overrides
 
 from lozo_exp.adapter import available_tasks
 from medium_models.kshot import main as build_kshot
@@ -62,15 +59,15 @@ def test_roberta_large_defaults_follow_the_paper_scripts(method, expected):
 @pytest.mark.slow  # five end-to-end runs in a subprocess
 def test_five_seed_multirun_of_one_cell(tmp_path):
     seeds = [13, 21, 42, 87, 100]
-    cmd = [
-        *(sys.executable, "-m", "lozo_exp", "-m"),
+    proc = run_cli(
+        REPO,
+        "-m",
         *FAST,
         *("task=rte", "method=lozo", "trainer.max_steps=2", "trainer.eval_steps=1"),
         "task.data_seed=" + ",".join(map(str, seeds)),
         f"hydra.sweep.dir={tmp_path}",
-    ]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     runs = sorted(p.parent for p in tmp_path.glob("*/results.json"))
     assert len(runs) == 5

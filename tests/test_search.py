@@ -5,13 +5,11 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
 import re
-import subprocess
-import sys
 
 import pytest
 import yaml
+from conftest import run_cli
 from hydra.errors import MissingConfigException
 
 from lozo_exp import cli
@@ -41,26 +39,17 @@ def test_the_search_preset_composes():
 @pytest.mark.skipif(not PLUGIN, reason=NO_PLUGIN)
 def test_an_optuna_search_maximises_the_dev_metric_and_skips_failed_trials(tmp_path):
     optuna = pytest.importorskip("optuna")
-    done = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "lozo_exp",
-            "-m",
-            "+search=lozo",
-            "method.rank=choice(0,1)",  # rank 0 is rejected: those trials have no dev metric
-            "hydra.sweeper.n_trials=4",
-            "hydra.sweeper.storage=sqlite:///study.db",
-            "hydra.sweeper.study_name=test",
-            "trainer.max_steps=2",
-            "trainer.eval_steps=1",
-            "hydra.sweep.dir=search",
-        ],
-        cwd=tmp_path,
-        env={**os.environ, "HF_HUB_OFFLINE": "1"},
-        capture_output=True,
-        text=True,
-        timeout=600,
+    done = run_cli(
+        tmp_path,
+        "-m",
+        "+search=lozo",
+        "method.rank=choice(0,1)",  # rank 0 is rejected: those trials have no dev metric
+        "hydra.sweeper.n_trials=4",
+        "hydra.sweeper.storage=sqlite:///study.db",
+        "hydra.sweeper.study_name=test",
+        "trainer.max_steps=2",
+        "trainer.eval_steps=1",
+        "hydra.sweep.dir=search",
     )
     assert done.returncode == 1, done.stderr  # rejected jobs fail the sweep, after all 4 ran
     assert re.search(r"Sweep search: 4 jobs \(\d completed, \d rejected\)", done.stdout)
