@@ -24,7 +24,6 @@ from lozo_exp.report import (
     table_title,
 )
 
-FIGURES = ("loss_curves", "memory", "accuracy", "step_time")
 _PALETTE = {  # the paper's methods first; others get a stable colour from their name
     "zero-shot": "#7f7f7f",
     "icl": "#bcbd22",

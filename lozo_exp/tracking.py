@@ -215,20 +215,21 @@ def device_capacity(device: torch.device) -> int | None:
     return torch.cuda.get_device_properties(device).total_memory
 
 
-def peak_memory_mb(device: torch.device, reset: bool = True) -> float:
-    """Peak memory since the last reset: GPU memory allocated on CUDA, resident memory on CPU."""
+def peak_memory_mb(device: torch.device) -> float:
+    """Peak memory since the last reading, which resets it: GPU memory allocated on CUDA,
+    resident memory on CPU."""
     if device.type == "cuda":
         peak = torch.cuda.max_memory_allocated(device) / 2**20
-        if reset:
-            torch.cuda.reset_peak_memory_stats(device)
+        torch.cuda.reset_peak_memory_stats(device)
         return peak
-    return peak_rss_mb(reset)
+    return peak_rss_mb()
 
 
-def peak_rss_mb(reset: bool = True) -> float:
-    """The process's peak resident memory since the last reset. On Linux, VmHWM, which writing
-    5 to /proc/self/clear_refs resets to the current RSS, so each job of a sweep run in one
-    process reads its own peak; elsewhere the process's lifetime peak (ru_maxrss)."""
+def peak_rss_mb() -> float:
+    """The process's peak resident memory since the last reading, which resets it. On Linux,
+    VmHWM, which writing 5 to /proc/self/clear_refs resets to the current RSS, so each job of a
+    sweep run in one process reads its own peak; elsewhere the process's lifetime peak
+    (ru_maxrss)."""
     try:
         hwm = re.search(r"^VmHWM:\s+(\d+) kB", PROC_STATUS.read_text(), re.M)
     except OSError:
@@ -236,9 +237,8 @@ def peak_rss_mb(reset: bool = True) -> float:
     if hwm is None:
         maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # bytes on macOS, else KiB
         return maxrss / (2**20 if sys.platform == "darwin" else 2**10)
-    if reset:
-        with contextlib.suppress(OSError):  # a read-only /proc: the lifetime peak, as above
-            PROC_CLEAR_REFS.write_text("5")
+    with contextlib.suppress(OSError):  # a read-only /proc: the lifetime peak, as above
+        PROC_CLEAR_REFS.write_text("5")
     return int(hwm[1]) / 2**10
 
 
@@ -248,7 +248,7 @@ def reset_peak_memory(device: torch.device) -> None:
     if device.type == "cuda":
         gc.collect()
         torch.cuda.empty_cache()
-    peak_memory_mb(device, reset=True)
+    peak_memory_mb(device)
 
 
 def _clock(seconds: float) -> str:

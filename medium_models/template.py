@@ -19,7 +19,6 @@ from lozo_exp.config import ConfigError
 
 log = logging.getLogger(__name__)
 
-SPECIAL_PARTS = ("cls", "bos", "eos", "mask", "sep", "sep+")
 # The sentence variants LM-BFF knows: (leading space, case change, drop the last character).
 _SENT = re.compile(r"^(?P<space>\+?)sent(?P<case>[lu]?)(?P<cut>-?)_(?P<index>\d+)$")
 _SENT_VARIANTS = {

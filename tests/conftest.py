@@ -23,6 +23,7 @@ from lozo_exp.config import RunConfig
 from lozo_exp.runner import run
 
 CONF = cli.config_dir()
+REPORT_FIGURES = ("loss_curves", "memory", "accuracy", "step_time")  # what `report` draws
 torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 

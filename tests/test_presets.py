@@ -16,7 +16,7 @@ import hydra
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import CONF, run_cli
+from conftest import CONF, REPORT_FIGURES, run_cli
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import HydraException, MissingConfigException
 from hydra.utils import get_class
@@ -24,7 +24,6 @@ from omegaconf import DictConfig, OmegaConf
 
 from lozo_exp import cli, report
 from lozo_exp.config import RunConfig, validate
-from lozo_exp.figures import FIGURES
 from lozo_exp.models import stand_in_tokenizer
 
 PAPER = pd.read_csv(report.paper_dir() / "reported.csv")
@@ -394,7 +393,7 @@ def run_report(sweep: Path, out: Path) -> pd.DataFrame:
     done = run_cli(sweep.parent, "report", str(sweep), "--out", str(out))
     assert done.returncode == 0, done.stderr
     assert all((out / f).is_file() for f in ("table.md", "table.csv", "table.tex", "cells.csv"))
-    for name in FIGURES:
+    for name in REPORT_FIGURES:
         assert (out / f"{name}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
     return pd.read_csv(out / "runs.csv")
 

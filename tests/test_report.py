@@ -14,11 +14,10 @@ import numpy as np
 import pandas as pd
 import pytest
 import yaml
-from conftest import CONF, run_cli
+from conftest import CONF, REPORT_FIGURES, run_cli
 from omegaconf import DictConfig, OmegaConf
 
 from lozo_exp import cli, report
-from lozo_exp.figures import FIGURES
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -278,7 +277,7 @@ def test_runs_csv_has_one_row_per_run_with_settings_seeds_and_metrics(out, sweep
 def test_figures_are_real_images(out):
     from matplotlib import image
 
-    for name in FIGURES:
+    for name in REPORT_FIGURES:
         png = out / f"{name}.png"
         assert png.read_bytes()[:8] == PNG_SIGNATURE, name
         assert png.stat().st_size > 10_000, name
@@ -321,7 +320,7 @@ def test_a_single_run_is_a_report(tmp_path):
     run = write_run(tmp_path, "only", opt("sst2", "lozo", 1e-6), dev=0.9, tests={"test": 0.9})
     report.report([run], tmp_path / "out")
     assert "90.0 (paper 91.7, -1.7)" in (tmp_path / "out" / "table.md").read_text()
-    assert all((tmp_path / "out" / f"{n}.png").is_file() for n in FIGURES)
+    assert all((tmp_path / "out" / f"{n}.png").is_file() for n in REPORT_FIGURES)
 
 
 @pytest.mark.parametrize(
@@ -376,7 +375,7 @@ def test_a_real_sweep_end_to_end(tmp_path):
         assert c.loc[("tiny-opt", "sst2", method), "std"] == approx(np.std(tests))
     assert "## tiny-opt, k=32 (training examples)" in (out / "table.md").read_text()
     assert (out / "table.tex").is_file() and (out / "table.csv").is_file()
-    for name in FIGURES:
+    for name in REPORT_FIGURES:
         assert (out / f"{name}.png").read_bytes()[:8] == PNG_SIGNATURE
 
 
