@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from lozo_exp.optim.estimator import Entry, Factors, Finish
-from lozo_exp.optim.zo import Params, ZeroOrderOptimizer, _require
+from lozo_exp.optim.zo import Params, ZeroOrderOptimizer, require
 
 
 class LOZO(ZeroOrderOptimizer):
@@ -29,8 +29,8 @@ class LOZO(ZeroOrderOptimizer):
         interval: int = 50,
         seed: int = 0,
     ) -> None:
-        _require(isinstance(rank, int) and rank >= 1, "rank", rank, "an int >= 1")
-        _require(isinstance(interval, int) and interval >= 1, "interval", interval, "an int >= 1")
+        require(isinstance(rank, int) and rank >= 1, "rank", rank, "an int >= 1")
+        require(isinstance(interval, int) and interval >= 1, "interval", interval, "an int >= 1")
         super().__init__(params, lr, eps, weight_decay, seed)
         self.rank = rank
         self.interval = interval
@@ -102,7 +102,7 @@ class LOZOM(LOZO):
         beta: float = 0.9,
         seed: int = 0,
     ) -> None:
-        _require(0 <= beta < 1, "beta", beta, "in [0, 1)")
+        require(0 <= beta < 1, "beta", beta, "in [0, 1)")
         super().__init__(params, lr, eps, weight_decay, rank, interval, seed)
         self.beta = beta
 

@@ -73,7 +73,7 @@ def default_param_groups(
     return [g for g in groups if g["params"]]
 
 
-def _require(ok: bool, name: str, value: object, valid: str) -> None:
+def require(ok: bool, name: str, value: object, valid: str) -> None:
     if not ok:
         raise ValueError(f"{name} must be {valid}, got {value!r}")
 
@@ -94,8 +94,8 @@ class ZeroOrderOptimizer(Optimizer):
     def __init__(
         self, params: Params, lr: float, eps: float = 1e-3, weight_decay: float = 0.0, seed: int = 0
     ) -> None:
-        _require(eps > 0, "eps", eps, "> 0")
-        _require(isinstance(seed, int), "seed", seed, "an int")
+        require(eps > 0, "eps", eps, "> 0")
+        require(isinstance(seed, int), "seed", seed, "an int")
         params = list(params)
         if params and isinstance(params[0], tuple):
             params = default_param_groups(params, weight_decay)
@@ -117,8 +117,8 @@ class ZeroOrderOptimizer(Optimizer):
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         group = {**self.defaults, **param_group}
-        _require(group["lr"] >= 0, "lr", group["lr"], ">= 0")
-        _require(group["weight_decay"] >= 0, "weight_decay", group["weight_decay"], ">= 0")
+        require(group["lr"] >= 0, "lr", group["lr"], ">= 0")
+        require(group["weight_decay"] >= 0, "weight_decay", group["weight_decay"], ">= 0")
         super().add_param_group(param_group)
 
     def step(self, closure: Callable[[], Tensor | float] | None = None) -> Tensor | float:
