@@ -405,6 +405,10 @@ def validate(cfg: RunConfig) -> None:
                 f"trainer.checkpoint_minutes={tr.checkpoint_minutes} must be > 0 (or null: not "
                 f"by time)",
             ),
+            (
+                tr.progress_every_s >= 0,
+                f"trainer.progress_every_s={tr.progress_every_s} must be >= 0 (0: a line per step)",
+            ),
             (mo.max_length >= 8, f"model.max_length={mo.max_length} is too small (>= 8)"),
             (
                 t.data_dir is None or mo.family != "causal",

@@ -266,9 +266,9 @@ class Progress:
         self.start = self.last = time.perf_counter()
 
     def update(self, done: int, note: str = "") -> None:
-        """Log if `every_s` has passed since the last line (at the end: since the start)."""
+        """Log if `every_s` has passed since the last line, and at the end (`done == total`)."""
         now = time.perf_counter()
-        if now - self.last < self.every_s:
+        if done < self.total and now - self.last < self.every_s:
             return
         self.last = now
         rate = (done - self.first) / max(now - self.start, 1e-9)

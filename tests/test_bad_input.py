@@ -256,6 +256,9 @@ CASES = {
     "AdamW eps inf": Case(["method=ft", "method.adam_eps=inf"], r"method\.adam_eps=inf is not"),
     "a negative train_set_seed": Case(["task.train_set_seed=-1"], r"task\.train_set_seed=-1 must"),
     "a negative data_seed": Case([ROBERTA, "task.data_seed=-3"], r"task\.data_seed=-3 must lie"),
+    "a negative progress_every_s": Case(
+        ["trainer.progress_every_s=-1"], r"trainer\.progress_every_s=-1\.0 must be >= 0"
+    ),
     "a negative lora_alpha": Case(
         ["method=mezo-lora", "method.lora_alpha=-16"], r"method\.lora_alpha=-16 must be > 0"
     ),

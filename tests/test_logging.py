@@ -330,3 +330,13 @@ def test_without_proc_the_peak_is_the_processes(tmp_path, monkeypatch):
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10
     peak = tracking.peak_rss_mb()
     assert before <= peak <= resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10
+
+
+def test_progress_prints_its_last_line_however_short_the_work(caplog):
+    """A run shorter than `every_s` still ends with its 100% line, and only that one."""
+    caplog.set_level("INFO", logger=tracking.__name__)
+    progress = tracking.Progress("step", 3, every_s=3600)
+    for done in (1, 2, 3):
+        progress.update(done)
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == 1 and lines[0].startswith("step 3/3 (100%) | "), lines
