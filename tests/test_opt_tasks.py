@@ -13,6 +13,7 @@ import torch
 from conftest import compose_config, read_metrics, run_overrides
 
 from large_models.adapter import AnswerBatch, CandidateBatch, CausalLMAdapter, PromptBatch
+from lozo_exp import runner as runner_module
 from lozo_exp.adapter import available_tasks, load_task
 from lozo_exp.config import ConfigError, TaskConfig
 from lozo_exp.data import SAMPLES, sample_opt_protocol
@@ -406,9 +407,26 @@ def test_every_task_runs_mezo_from_the_sample_and_lozo_from_data_files(task, tmp
 
 
 @pytest.mark.parametrize("task", ["rte", "squad"])
-def test_ft_runs(task, tmp_path):
-    result = run_overrides(tmp_path / "ft", f"task={task}", "method=ft", *FAST)
+def test_ft_runs(task, tmp_path, monkeypatch):
+    from safetensors.torch import load_file
+
+    initial = {}
+
+    def load(*args):
+        model = load_model(*args)
+        initial.update((n, p.detach().clone()) for n, p in model.named_parameters())
+        return model
+
+    monkeypatch.setattr(runner_module, "load_model", load)
+    overrides = (f"task={task}", "method=ft", "trainer.save_final=true", *FAST)
+    result = run_overrides(tmp_path / "ft", *overrides)
     assert result["status"] == "completed" and result["steps"] == 4
+    losses = [r["loss"] for r in read_metrics(tmp_path / "ft") if "loss" in r]
+    assert len(losses) == 2 and all(np.isfinite(losses))
+    final = load_file(tmp_path / "ft" / "final.safetensors")
+    assert final.keys() <= initial.keys()
+    changed = [n for n, w in final.items() if not torch.equal(w, initial[n])]
+    assert len(changed) > len(final) / 2, changed  # FT trains (nearly) every weight
 
 
 @pytest.mark.parametrize("method", ["zero-shot", "icl"])
