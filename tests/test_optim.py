@@ -179,6 +179,14 @@ def test_projected_grad_error_is_second_order_in_eps():
     assert 50 < err(1e-2) / err(1e-3) < 200
 
 
+def test_lozom_takes_beta_by_keyword_only():
+    """LOZOM's positional arguments are LOZO's: a 7th positional value is refused, not taken
+    as a beta (or a seed) by its place."""
+    with pytest.raises(TypeError, match="positional"):
+        LOZOM(make_params(), 1e-3, 1e-3, 0.0, 2, 50, 0.5)
+    assert LOZOM(make_params(), 1e-3, beta=0.5, seed=3).beta == 0.5
+
+
 def test_lozom_factor_momentum():
     beta, lr, interval = 0.9, 1e-2, 3
     params = make_params()

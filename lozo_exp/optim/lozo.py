@@ -99,11 +99,12 @@ class LOZOM(LOZO):
         weight_decay: float = 0.0,
         rank: int = 2,
         interval: int = 50,
+        *,  # LOZO's positions stay LOZO's: a value meant for LOZO's next argument is no beta
         beta: float = 0.9,
         seed: int = 0,
     ) -> None:
         require(0 <= beta < 1, "beta", beta, "in [0, 1)")
-        super().__init__(params, lr, eps, weight_decay, rank, interval, seed)
+        super().__init__(params, lr, eps, weight_decay, rank, interval, seed=seed)
         self.beta = beta
 
     def prepare_update(
