@@ -415,7 +415,8 @@ def checked_split(task: PromptTask, files: dict[str, str], where: str, k: int) -
         splits,
         f"the k-shot split {where}",
         f"LM-BFF's dev set is the k examples per label that follow the k training ones, so "
-        f"every label needs more than k={k} training examples in the source: lower task.k",
+        f"every label needs more than k={k} training examples in the source: lower task.k "
+        f"(lozo-exp kshot: --k)",
     )
     return splits
 

@@ -109,7 +109,7 @@ def test_k_beyond_the_source_warns_with_the_shortfall(caplog):
 
 def test_run_refuses_a_split_without_dev():
     cfg = TaskConfig(name="rte", hub_id="aps/super_glue", source="sample", k=16)
-    with pytest.raises(DataError, match=r"has no dev examples.*lower task\.k"):
+    with pytest.raises(DataError, match=r"no dev examples.*lower task\.k \(lozo-exp kshot: --k\)"):
         kshot_splits(load_task("masked", "rte"), cfg)
 
 
