@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from large_models.tasks.base import CausalTask, Prompted
+from lozo_exp import distributed
 from lozo_exp.adapter import Adapter, TokenBatch
 from lozo_exp.config import ConfigError, RunConfig, TaskConfig
 from lozo_exp.data import Row, Splits, load_rows, sample_opt_protocol, source_of
@@ -173,7 +174,8 @@ class CausalLMAdapter(Adapter):
             logits_to_keep=k + 1,
             use_cache=False,
         ).logits
-        logp = logits[:, :-1].float().log_softmax(-1)
+        wide = torch.promote_types(logits.dtype, torch.float32)  # float64 (tests) stays float64
+        logp = logits[:, :-1].to(wide).log_softmax(-1)
         token_logp = logp.gather(-1, batch.input_ids[:, -k:, None]).squeeze(-1)
         mask = torch.arange(k, device=option_lens.device) >= (k - option_lens)[:, None]
         return token_logp, mask
@@ -202,6 +204,7 @@ class CausalLMAdapter(Adapter):
             max_new_tokens=min(MAX_NEW_TOKENS, self.max_length - width),
             eos_token_id=[newline, self.tokenizer.eos_token_id],
             pad_token_id=self.tokenizer.pad_token_id,
+            synced_gpus=distributed.sharded(self.model),  # FSDP: every process steps together
         )
         texts = self.tokenizer.batch_decode(out[:, width:], skip_special_tokens=True)
         return [t.strip() for t in texts]
@@ -219,6 +222,17 @@ class CausalLMAdapter(Adapter):
                 answers = self._generate(batch)
                 scores = [f1(a, golds) for a, golds in zip(answers, batch.answers, strict=True)]
                 return -torch.tensor(sum(scores) / len(scores))
+        raise TypeError(f"{type(self).__name__} has no loss for a {type(batch).__name__}")
+
+    def loss_count(self, batch: TokenBatch) -> torch.Tensor | int:
+        """Examples (classification, -F1), or the gold answers' tokens (their mean NLL)."""
+        match batch:
+            case CandidateBatch():
+                return len(batch.labels)
+            case AnswerBatch():
+                return batch.option_lens.sum()
+            case PromptBatch():
+                return len(batch.answers)
         raise TypeError(f"{type(self).__name__} has no loss for a {type(batch).__name__}")
 
     def objective_loss(self, rows: list[Row]) -> torch.Tensor:

@@ -18,6 +18,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from lozo_exp import distributed
 from lozo_exp.config import ConfigError, ModelConfig, RunConfig, TaskConfig
 from lozo_exp.data import Row, Splits
 from lozo_exp.tracking import Progress
@@ -74,6 +75,12 @@ class Adapter(ABC):
         """Scalar training loss of a batch at the current parameters."""
 
     @abstractmethod
+    def loss_count(self, batch: TokenBatch) -> torch.Tensor | int:
+        """How many units `loss` is the mean of (examples, or answer tokens for a language-model
+        objective): the batch's weight when the means of several batches are merged
+        (`distributed.global_mean`)."""
+
+    @abstractmethod
     def score_batch(self, rows: list[Row]) -> list[dict[str, float]]:
         """Per-row metric values (e.g. `{"accuracy": 1.0}`) at the current parameters."""
 
@@ -99,14 +106,20 @@ class Adapter(ABC):
         finally:
             self.model.train(was_training)
 
+    def _each_batch(self, fn: Callable[[list[Row]], Any], rows: list[Row], batch_size: int) -> list:
+        """`fn` of each batch of rows in eval mode, in order; the run's processes split the
+        batches and each gets every result."""
+        batches = [rows[start : start + batch_size] for start in range(0, len(rows), batch_size)]
+        progress = Progress("evaluated batches", len(batches), every_s=30.0)
+        with self._evaluating():
+            results = distributed.map_batches(fn, batches, progress.update)
+        distributed.reshard(self.model)
+        return results
+
     def evaluate(self, rows: list[Row], batch_size: int) -> dict[str, float]:
         """Mean metrics over rows (eval mode); include `self.task.metric`, the paper's number."""
-        progress = Progress("evaluated", len(rows), every_s=30.0)
-        scores: list[dict[str, float]] = []
-        with self._evaluating():
-            for start in range(0, len(rows), batch_size):
-                scores += self.score_batch(rows[start : start + batch_size])
-                progress.update(len(scores))
+        per_batch = self._each_batch(self.score_batch, rows, batch_size)
+        scores = [s for batch in per_batch for s in batch]
         return {k: sum(s[k] for s in scores) / len(scores) for k in scores[0]} if scores else {}
 
     def objective_loss(self, rows: list[Row]) -> torch.Tensor:
@@ -117,12 +130,11 @@ class Adapter(ABC):
     def dev_loss(self, rows: list[Row], batch_size: int) -> float:
         """Mean objective over rows in eval mode, batch losses weighted by their rows (as HF
         Trainer's eval loss, which the published OPT code selects the tested state by)."""
-        total = 0.0
-        with self._evaluating():
-            for start in range(0, len(rows), batch_size):
-                chunk = rows[start : start + batch_size]
-                total += float(self.objective_loss(chunk)) * len(chunk)
-        return total / max(1, len(rows))
+
+        def weighted(chunk: list[Row]) -> float:
+            return float(self.objective_loss(chunk)) * len(chunk)
+
+        return sum(self._each_batch(weighted, rows, batch_size)) / max(1, len(rows))
 
     def pad(self, seqs: list[list[int]], left: bool) -> tuple[torch.Tensor, torch.Tensor]:
         """Token ids and attention mask of `seqs` padded to one width, on the model's device."""

@@ -23,6 +23,12 @@ run: bit-identical weights, momentum and V included) or loads the weights and tr
 and continues with metrics.jsonl and steps.jsonl cut back to the step it continues from. A ZO
 run continues from its last logged step (a killed ZO run loses nothing), unless a dev evaluation
 after its checkpoint was under way, which is then redone; the others from their checkpoint.
+
+Across processes (torchrun) the main process alone writes these files and reads them back on
+resume; every process replays a ZO run's steps (so all end with the same weights), and FSDP's
+shards are gathered into the main process's files and scattered back from them. An FT
+checkpoint continues only with the number of processes that wrote it (`check_processes`); a ZO
+run with any.
 """
 
 from __future__ import annotations
@@ -39,6 +45,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from lozo_exp import distributed
 from lozo_exp.config import RUNTIME_KEYS, ConfigError, RunConfig
 from lozo_exp.outputs import CHECKPOINT, METRICS
 from lozo_exp.tracking import Progress, synchronize
@@ -209,6 +216,7 @@ class Checkpoints:
                 "format": FORMAT,
                 "step": state.step,
                 "replay": self.replay,
+                "processes": distributed.world_size(),
                 **files,
                 **state.progress(),
                 **session,
@@ -216,7 +224,8 @@ class Checkpoints:
                 "base": self.base,
             }
             text = json.dumps(record, indent=1) + "\n"
-            write_atomic(self.path, lambda tmp: tmp.write_text(text))
+            if distributed.is_main():
+                write_atomic(self.path, lambda tmp: tmp.write_text(text))
         except OSError as err:
             for name in files.values():
                 if name is not None:
@@ -231,24 +240,30 @@ class Checkpoints:
                 f"could not write the checkpoint of step {state.step} in {self.out_dir} "
                 f"({type(err).__name__}: {err}); the run stopped, and {kept}"
             ) from err
-        self._remove_all_but(files)
+        if distributed.is_main():
+            self._remove_all_but(files)
         self.saved_step, self.saved_at = state.step, time.monotonic()
         log.info("checkpoint: step %d (%s)", state.step, self.path)
 
     def _save_trainer(self, state: RunState, files: dict[str, str | None]) -> dict[str, str | None]:
         """The trainable weights (none at step 0: the base ones) and the trainer state;
-        `files` is filled as they are written (so a failure can remove them)."""
+        `files` is filled as they are written (so a failure can remove them). Every process
+        takes part (FSDP gathers); the main process writes."""
         from safetensors.torch import save_file
 
-        (self.out_dir / WEIGHTS_DIR).mkdir(exist_ok=True)
+        main = distributed.is_main()
+        if main:
+            (self.out_dir / WEIGHTS_DIR).mkdir(exist_ok=True)
         files["weights"] = None
         if state.step > 0:
-            tensors = {n: p.detach().contiguous() for n, p in state.trainable().items()}
+            tensors = distributed.full_tensors(state.trainable())
             files["weights"] = f"{WEIGHTS_DIR}/weights-{state.step}.safetensors"
-            write_atomic(self.out_dir / files["weights"], lambda t: save_file(tensors, str(t)))
+            if main:
+                write_atomic(self.out_dir / files["weights"], lambda t: save_file(tensors, str(t)))
         files["trainer"] = f"{WEIGHTS_DIR}/trainer-{state.step}.pt"
         trainer = state.trainer_state()
-        write_atomic(self.out_dir / files["trainer"], lambda t: torch.save(trainer, t))
+        if main:
+            write_atomic(self.out_dir / files["trainer"], lambda t: torch.save(trainer, t))
         return files
 
     def remove_weights(self) -> None:
@@ -283,6 +298,7 @@ class Checkpoints:
                 f"resumes with its own config (lozo-exp resume={self.out_dir}), and only "
                 f"{', '.join(RUNTIME_KEYS)} may change"
             )
+        self.check_processes(saved)
         return saved
 
     def resume(
@@ -291,26 +307,17 @@ class Checkpoints:
         """Bring `state` (a freshly built run whose base weights are fingerprinted in `base`)
         to where the run in this directory stopped, cut its logs back to that step, and return
         the saved checkpoint."""
-        saved = self.load()
-        if not _same_base(saved["base"], self.base):
-            raise CheckpointError(
-                f"the base weights of the run in {self.out_dir} are not those it started from "
-                f"(model.hub_id={saved['config']['model']['hub_id']!r}: did that checkpoint "
-                f"change?); its steps cannot be continued from other weights"
-            )
-        records = _consecutive(read_jsonl(self.out_dir / STEPS))
+        saved, records = distributed.from_main(self._read)
         step = saved["step"]
-        if len(records) < step:
-            raise CheckpointError(
-                f"{self.out_dir / STEPS} logs {len(records)} steps, fewer than the {step} of "
-                f"{self.path}: the two do not belong together"
-            )
         if self.replay:
             step = _last_without_evaluation(step, len(records), evaluates_at)
             replay(state, records[:step], self.progress_every_s)
         else:
             self._load_trainer(saved, state)
         state.restore(saved, step, [r["loss"] for r in records[step - step % log_steps : step]])
+        self.saved_step = saved["step"]
+        if not distributed.is_main():
+            return saved
         rewrite_jsonl(self.out_dir / STEPS, records[:step])
         metrics = read_jsonl(self.out_dir / METRICS)
         kept = [r for r in metrics if r.get("step", 0) <= step and r.get("split") != "final"]
@@ -324,20 +331,58 @@ class Checkpoints:
             len(kept),
             len(metrics) - len(kept),
         )
-        self.saved_step = saved["step"]
         return saved
 
+    def _read(self) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+        """The checkpoint and the logged steps, checked against this run (main process)."""
+        saved = self.load()
+        if not _same_base(saved["base"], self.base):
+            raise CheckpointError(
+                f"the base weights of the run in {self.out_dir} are not those it started from "
+                f"(model.hub_id={saved['config']['model']['hub_id']!r}: did that checkpoint "
+                f"change?); its steps cannot be continued from other weights"
+            )
+        records = _consecutive(read_jsonl(self.out_dir / STEPS))
+        if len(records) < saved["step"]:
+            raise CheckpointError(
+                f"{self.out_dir / STEPS} logs {len(records)} steps, fewer than the "
+                f"{saved['step']} of {self.path}: the two do not belong together"
+            )
+        return saved, records
+
+    def check_processes(self, saved: dict[str, Any]) -> None:
+        """A checkpoint with weights continues with the number of processes that wrote it:
+        its trainer state (the optimizer's, each process's RNG) is laid out for them, and
+        another number changes the reduction order, so the run would not continue exactly.
+        A replayed (ZO) run continues with any number (its update depends only on the global
+        batch's mean loss)."""
+        then, now = saved.get("processes", 1), distributed.world_size()
+        if self.replay or then == now:
+            return
+        launch = f"torchrun --nproc_per_node={then} -m lozo_exp" if then > 1 else "lozo-exp"
+        raise ConfigError(
+            f"the run in {self.out_dir} was checkpointed by {then} process"
+            f"{'es' if then != 1 else ''} and is resumed by {now}: method "
+            f"{saved['config']['method']['name']} keeps its optimizer and RNG state per "
+            f"process layout, so it continues exactly only as it ran; resume it with "
+            f"`{launch} resume={self.out_dir}` (zeroth-order runs may change the number)"
+        )
+
     def _load_trainer(self, saved: dict[str, Any], state: RunState) -> None:
+        """The saved weights and trainer state, read by the main process (every process
+        takes part: FSDP's shards are scattered from it)."""
         from safetensors.torch import load_file
 
+        main = distributed.is_main()
         if saved["weights"] is not None:
             device = next(iter(state.trainable().values())).device
-            weights = load_file(self.out_dir / saved["weights"], device=str(device))
-            with torch.no_grad():
-                for name, p in state.trainable().items():
-                    p.copy_(weights[name])
-        trainer = torch.load(self.out_dir / saved["trainer"], weights_only=True)
-        state.load_trainer_state(trainer)
+            where = str(device) if distributed.world_size() == 1 else "cpu"
+            path = self.out_dir / saved["weights"]
+            distributed.load_full_tensors_(
+                state.trainable(), load_file(path, device=where) if main else None
+            )
+        path = self.out_dir / saved["trainer"]
+        state.load_trainer_state(torch.load(path, weights_only=True) if main else None)
 
 
 def _consecutive(records: list[dict[str, Any]]) -> list[dict[str, Any]]:

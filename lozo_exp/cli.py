@@ -99,6 +99,12 @@ def expose_checkout_plugins() -> None:
         sys.path.append(str(root))
 
 
+def torchrun_processes() -> int:
+    """How many processes torchrun started for this run (1 outside torchrun): read from its
+    environment, before torch is imported."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
 def register() -> None:
     """The run schemas (ConfigStore), the resolvers `conf/` uses, the checkout's plugins."""
     expose_checkout_plugins()

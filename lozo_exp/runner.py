@@ -12,6 +12,7 @@ exactly where it stopped (`resume`).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -27,7 +28,8 @@ import psutil
 import torch
 from torch import nn
 
-from lozo_exp.adapter import Adapter, adapter_class, load_task
+from lozo_exp import distributed
+from lozo_exp.adapter import Adapter, TokenBatch, adapter_class, load_task
 from lozo_exp.checkpoint import Checkpoints, StepLog, fingerprint, write_atomic
 from lozo_exp.config import ConfigError, RunConfig, validate
 from lozo_exp.data import Row, Splits
@@ -49,7 +51,6 @@ from lozo_exp.tracking import (
     device_capacity,
     peak_memory_mb,
     reset_peak_memory,
-    resolve_device,
     synchronize,
 )
 
@@ -126,20 +127,31 @@ class RunState:
         self.best_dev, self.best_test = best["dev"], best["test"]
 
     def trainer_state(self) -> dict[str, Any]:
-        """The optimizer's and the method's state and the RNG states (dropout)."""
-        return {
-            "optimizer": self.optimizer.state_dict(),
-            "method": self.method.state_dict(),
+        """The optimizer's and the method's state and the RNG states (dropout); across
+        processes, in the main process (the others get {}): the whole optimizer state and each
+        process's RNG states (`ranks`)."""
+        rng = {
             "torch_rng": torch.get_rng_state(),
             "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else [],
         }
+        optimizer = distributed.optimizer_state_dict(self.model, self.optimizer)
+        if distributed.world_size() > 1:
+            rng = {"ranks": distributed.gather_to_main(rng)}
+        if not distributed.is_main():
+            return {}
+        return {"optimizer": optimizer, "method": self.method.state_dict(), **rng}
 
-    def load_trainer_state(self, state: dict[str, Any]) -> None:
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.method.load_state_dict(state["method"])
-        torch.set_rng_state(state["torch_rng"])
-        if state["cuda_rng"]:
-            torch.cuda.set_rng_state_all(state["cuda_rng"])
+    def load_trainer_state(self, state: dict[str, Any] | None) -> None:
+        """Load what `trainer_state` saved (`state`: the main process's; None in the others)."""
+        distributed.load_optimizer_state_dict(
+            self.model, self.optimizer, state and state["optimizer"]
+        )
+        rest = distributed.from_main(lambda: {k: v for k, v in state.items() if k != "optimizer"})
+        self.method.load_state_dict(rest["method"])
+        rng = rest["ranks"][distributed.rank()] if "ranks" in rest else rest
+        torch.set_rng_state(rng["torch_rng"])
+        if rng["cuda_rng"]:
+            torch.cuda.set_rng_state_all(rng["cuda_rng"])
 
 
 class Runner:
@@ -149,7 +161,9 @@ class Runner:
         self.start = time.perf_counter()
         cfg.model = resolve_model(cfg.model)  # the checkpoint is there; its family is known
         validate(cfg)
-        self.resuming = check_output_dir(out_dir, resume=resume)
+        distributed.check(cfg)
+        # The main process holds the directory and decides; the others follow its answer.
+        self.resuming = distributed.from_main(lambda: check_output_dir(out_dir, resume=resume))
         self.cfg, self.out_dir = cfg, out_dir
         family = cfg.model.family
         task = load_task(family, cfg.task.name)
@@ -172,12 +186,13 @@ class Runner:
                 f"split's size, or use an evaluation-only method ({evaluation_only})."
             )
         self.max_steps, self.eval_steps = self._schedule()
-        self.device = resolve_device(cfg.trainer.device)
+        self.device = distributed.device(cfg.trainer.device)
         cfg.model.dtype = dtype_on(self.device, cfg.model.dtype)
         self.checkpoints = Checkpoints(out_dir, cfg, self.method.replayable)
         self.earlier: dict[str, Any] = {"elapsed_s": 0.0, "peak_mem_mb": 0.0, "resumed_at": []}
         if self.resuming:  # another config is an error before the model is built
-            self.earlier = {k: self.checkpoints.load()[k] for k in self.earlier}
+            saved = distributed.from_main(self.checkpoints.load)
+            self.earlier = {k: saved[k] for k in self.earlier}
         tokenizer = load_tokenizer(cfg.model)
         adapter_cls.check(task, tokenizer)
         capacity = device_capacity(self.device)
@@ -189,6 +204,8 @@ class Runner:
         reset_peak_memory(self.device)  # this job's peak starts here (sweeps share a process)
         model = load_model(cfg.model, tokenizer, self.device)
         model = self.method.prepare_model(model)
+        base = fingerprint(model) if self.method.trains else []  # the whole weights, unsharded
+        model = self.method.parallelize(model)
         self.adapter = adapter_cls(model, tokenizer, task, cfg.model)
         self.adapter.prepare(cfg, self.splits)
         self.method.prepare_adapter(self.adapter, self.splits)
@@ -196,8 +213,9 @@ class Runner:
         self.state = RunState(model, optimizer, cfg.seed, self.method)
         n_train = sum(p.numel() for p in self.state.trainable().values())
         log.info("method %s: %.2fM trainable parameters", cfg.method.name, n_train / 1e6)
-        if self.method.trains:
-            self.checkpoints.base = fingerprint(model)
+        self.checkpoints.base = base
+        if distributed.world_size() > 1:
+            log.info("one run across %d processes (%s)", distributed.world_size(), self.device.type)
         self.peak_mem_mb = 0.0
         self.startup_s: float | None = None
         self.steps: StepLog | None = None
@@ -252,26 +270,30 @@ class Runner:
         optimizer = state.optimizer
         progress = Progress("step", self.max_steps, tr.progress_every_s, state.step)
         times: list[float] = []
-        self.steps = self.steps or StepLog(self.out_dir)
+        if self.steps is None and distributed.is_main():
+            self.steps = StepLog(self.out_dir)
         self._memory()
         while state.step < self.max_steps:
             if self.startup_s is None:  # from the command to the first step
                 self.startup_s = time.time() - psutil.Process().create_time()
-            batch = self.adapter.collate(
+            rows, weight = distributed.shard(
                 state.next_batch(self.splits.train, self.cfg.method.batch_size)
             )
+            batch = self.adapter.collate(rows)
+            count = self.adapter.loss_count(batch) * weight
             lr = method.learning_rate(state.step, self.max_steps)
             for group in optimizer.param_groups:
                 group["lr"] = lr
             start = time.perf_counter()
-            step_loss, extra = method.step(optimizer, partial(self.adapter.loss, batch))
+            step_loss, extra = method.step(optimizer, partial(self._global_loss, batch, count))
             loss = float(step_loss)
             synchronize(self.device)
             times.append(time.perf_counter() - start)
             state.losses.append(loss)
             state.step += 1
-            self.steps.write({"step": state.step, "loss": loss, "lr": lr,
-                              **method.step_record(optimizer)})  # fmt: skip
+            if self.steps is not None:
+                self.steps.write({"step": state.step, "loss": loss, "lr": lr,
+                                  **method.step_record(optimizer)})  # fmt: skip
             if state.step % tr.log_steps == 0 or not math.isfinite(loss):
                 record = {
                     "step": state.step,
@@ -288,9 +310,12 @@ class Runner:
             evaluated = self.evaluates_at(state.step)
             if evaluated:
                 self.evaluate_dev(metrics)
-            if self.checkpoints.due(state.step, evaluated):
+            due, signals = distributed.agree(
+                self.checkpoints.due(state.step, evaluated), self.signals.pending
+            )
+            if due:
                 self.checkpoint()
-            self.signals.stop_if_signalled(state.step, self.checkpoint)
+            self.signals.stop_if_signalled(state.step, self.checkpoint, signals)
 
     def _diverged(self, loss: float) -> str:
         m, dtype = self.cfg.method, self.cfg.model.dtype
@@ -307,6 +332,10 @@ class Runner:
             f"model.dtype {dtype}); the run stopped. Try {advice}, or model.dtype=float32/"
             f"bfloat16. Logged steps are in metrics.jsonl."
         )
+
+    def _global_loss(self, batch: TokenBatch, count: torch.Tensor | float) -> torch.Tensor:
+        """The mean loss over the global batch, of which `batch` is this process's shard."""
+        return distributed.global_mean(self.adapter.loss(batch), count)
 
     def evaluate_dev(self, metrics: MetricsLog) -> dict[str, float]:
         """Dev metrics and loss; a new best (ties keep the earlier) also evaluates the test
@@ -340,21 +369,25 @@ class Runner:
         """The trainable weights after the last step (LoRA: the adapter) as safetensors."""
         from safetensors.torch import save_file
 
-        tensors = {n: p.detach().contiguous() for n, p in self.state.trainable().items()}
-        write_atomic(self.out_dir / FINAL_WEIGHTS, lambda tmp: save_file(tensors, str(tmp)))
+        tensors = distributed.full_tensors(self.state.trainable())  # main process: all of them
+        if distributed.is_main():
+            write_atomic(self.out_dir / FINAL_WEIGHTS, lambda tmp: save_file(tensors, str(tmp)))
 
     def run(self) -> dict[str, Any]:
         cfg, state = self.cfg, self.state
+        main = distributed.is_main()  # the others write nothing
         results: dict[str, Any] = {
             **hyperparameters(cfg),
             "metric": self.adapter.task.metric,
             "select_by": cfg.trainer.select_by,
+            "processes": distributed.world_size(),
         }
         if self.resuming:  # replay (ZO) or load the weights, cut the logs back
             step = self.checkpoints.resume(state, self.evaluates_at, cfg.trainer.log_steps)["step"]
             self.earlier["resumed_at"] = [*self.earlier["resumed_at"], state.step]
             log.info("continuing from step %d (checkpoint of step %d)", state.step, step)
-        metrics = MetricsLog(self.out_dir, cfg.logger, run_name(self.out_dir), asdict(cfg))
+        name = run_name(self.out_dir)
+        metrics = MetricsLog(self.out_dir, cfg.logger, name, asdict(cfg), active=main)
         try:
             if self.method.trains and not self.resuming:
                 self.checkpoint()  # step 0: from here on the run can be resumed
@@ -365,7 +398,8 @@ class Runner:
                     self.train(metrics)
                 if cfg.trainer.save_final:
                     self.save_final()
-                self.checkpoints.remove_weights()  # a completed run is not resumed
+                if main:
+                    self.checkpoints.remove_weights()  # a completed run is not resumed
             if state.best_test is None:  # no dev evaluation (max_steps=0)
                 state.best_test = self.evaluate_test()
             first = next(iter(state.best_test.values()), {})
@@ -393,7 +427,8 @@ class Runner:
                 startup_s=self.startup_s,
                 resumed_at=session["resumed_at"],
             )
-            self._close(metrics, results)
+            if main:
+                self._close(metrics, results)
 
     def _close(self, metrics: MetricsLog, results: dict[str, Any]) -> None:
         """The final record and results.json (written aside, then renamed), each as far as the
@@ -426,7 +461,9 @@ def _fmt(scores: dict[str, float]) -> str:
 
 def run(cfg: RunConfig, out_dir: Path, resume: str = "never") -> dict[str, Any]:
     """Train (unless the method is evaluation-only), test, and write results.json, in a
-    directory claimed for this run (`outputs.claim_run_dir`); with `resume` "allow" or
-    "require", continue the run `out_dir` holds (`outputs.RESUME`)."""
-    with claimed(out_dir, resume=resume):
+    directory claimed for this run (`outputs.claim_run_dir`) by the main process, which alone
+    writes there; with `resume` "allow" or "require", continue the run `out_dir` holds
+    (`outputs.RESUME`)."""
+    claim = claimed(out_dir, resume=resume) if distributed.is_main() else contextlib.nullcontext()
+    with claim:
         return Runner(cfg, out_dir, resume).run()

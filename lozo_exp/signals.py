@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 import signal
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from types import FrameType
 from typing import Any
 
@@ -65,11 +65,16 @@ class StopSignals:
             self.pending.append(signum)
             log.warning("%s received: a checkpoint after this step", signal.Signals(signum).name)
 
-    def stop_if_signalled(self, step: int, checkpoint: Callable[[], None]) -> None:
-        """If signals came: `checkpoint()`, then hand each over in turn (see the module)."""
-        if not self.pending:
+    def stop_if_signalled(
+        self, step: int, checkpoint: Callable[[], None], signums: Sequence[int] | None = None
+    ) -> None:
+        """If signals came: `checkpoint()`, then hand each over in turn (see the module).
+        `signums`: the signals to act on instead of those noted here (across processes: those
+        any process noted, so all stop at the same step); a later one waits for the next step."""
+        came = list(self.pending if signums is None else signums)
+        self.pending = [s for s in self.pending if s not in came]
+        if not came:
             return
-        came, self.pending = self.pending, []
         checkpoint()
         for signum in came:
             previous = self.previous.get(signum)

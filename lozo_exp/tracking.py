@@ -141,8 +141,18 @@ class MetricsLog:
     """Appends one JSON record per line to `metrics.jsonl`, flushed at once so a crash keeps
     what was logged, and sends the same records to the loggers the config asks for."""
 
-    def __init__(self, out_dir: Path, cfg: LoggerConfig, run_name: str, config: dict[str, Any]):
+    def __init__(
+        self,
+        out_dir: Path,
+        cfg: LoggerConfig,
+        run_name: str,
+        config: dict[str, Any],
+        active: bool = True,  # False: writes nothing (a run's other processes)
+    ):
         self.sinks: list[Sink] = []  # first: a W&B that cannot start leaves no metrics.jsonl
+        self.file = None
+        if not active:
+            return
         if cfg.wandb:
             try:
                 self.sinks.append(WandbSink(cfg, out_dir, run_name, config))
@@ -156,6 +166,8 @@ class MetricsLog:
         self.file = (out_dir / "metrics.jsonl").open("a")
 
     def write(self, record: dict[str, Any]) -> None:
+        if self.file is None:
+            return
         self.file.write(json.dumps(record) + "\n")
         self.file.flush()
         values = scalars(record)
@@ -165,7 +177,8 @@ class MetricsLog:
 
     def close(self, results: dict[str, Any] | None = None) -> None:
         """Close the file; the loggers get the run's summary from `results` (results.json)."""
-        self.file.close()
+        if self.file is not None:
+            self.file.close()
         summary = run_summary(results or {})
         for sink in self.sinks:
             sink.finish(summary)

@@ -7,6 +7,10 @@ sweep goes on, and a summary of every job closes it (`lozo_exp.outputs.SweepSumm
 stopped by SIGTERM, SIGUSR1 or SIGUSR2 writes a checkpoint, says "preempted" and exits with 128
 + the signal; a Hydra job that finds its own unfinished run in its directory (SLURM requeued it)
 continues it.
+
+Under `torchrun --nproc_per_node=N -m lozo_exp ...` the main process runs Hydra (or reads the
+config of the run it resumes) and sends it to the others, which run it with it
+(`lozo_exp.distributed`) and write nothing.
 """
 
 from __future__ import annotations
@@ -39,6 +43,12 @@ def train(dict_cfg: DictConfig) -> float | None:
         log.info("HF_HUB_OFFLINE=1: reading only local files and the hub cache")
     out_dir = Path(hydra_cfg.runtime.output_dir)
     sweep = hydra_cfg.mode == RunMode.MULTIRUN
+    if cli.torchrun_processes() > 1 and sweep:
+        cli.fail(
+            "a sweep (-m) under torchrun is not supported: torchrun runs one run across its "
+            "processes; to run a sweep's jobs in parallel, each on its own GPUs, use "
+            "hydra/launcher=gpus_local (hydra.launcher.gpus_per_job=N for data-parallel jobs)"
+        )
 
     def config() -> RunConfig:
         # A single run's directory was claimed before Hydra wrote to it (StartGuard), which
@@ -92,8 +102,11 @@ def run_job(
     cfg = None
     try:
         cfg = make_config()
-        from lozo_exp.runner import run  # torch: only once a job runs
+        from lozo_exp import distributed  # torch: only once a job runs
+        from lozo_exp.runner import run
 
+        if distributed.world_size() > 1:
+            distributed.send_run((cfg, out_dir, resume))
         results = run(cfg, out_dir, resume)
     except outputs.RunFinished as done:
         print(f"{done}; its results are in {out_dir / outputs.RESULTS}")
@@ -122,17 +135,50 @@ def run_job(
 def main(argv: Sequence[str] | None = None) -> None:
     args = list(sys.argv[1:] if argv is None else argv)
     runs = [a.removeprefix(RESUME) for a in args if a.startswith(RESUME)]
+    if cli.torchrun_processes() > 1:
+        from lozo_exp import distributed
+
+        distributed.init()
+        if not distributed.is_main():
+            follow()
+            return
+    # Under torchrun a run that fails ends this process (status 1), and torchrun then stops the
+    # others, wherever they are; otherwise they wait for the next run: there is none.
     if not runs:
         cli.run_hydra(train, "config", args)
-        return
-    if len(runs) > 1 or not runs[0]:
+    elif len(runs) > 1 or not runs[0]:
         cli.fail(f"give one run directory to resume (resume=RUN_DIR); got {', '.join(runs)!r}")
-    verbose = "--verbose" in args
-    overrides = [a for a in args if not a.startswith(RESUME) and a != "--verbose"]
-    try:
-        resume(Path(runs[0]).expanduser(), overrides, verbose)
-    except ConfigError as err:
-        cli.fail(err)
+    else:
+        verbose = "--verbose" in args
+        overrides = [a for a in args if not a.startswith(RESUME) and a != "--verbose"]
+        try:
+            resume(Path(runs[0]).expanduser(), overrides, verbose)
+        except ConfigError as err:
+            cli.fail(err)
+    if cli.torchrun_processes() > 1:
+        distributed.send_run(None)
+        distributed.teardown()
+
+
+def follow() -> None:
+    """Another process of a torchrun launch: run what the main process sends. A bad config, a
+    diverged or a preempted run ends the same way in every process; the main process reports
+    it and its exit status ends the launch."""
+    cli.start()
+    logging.getLogger().setLevel(logging.WARNING)  # the main process logs progress
+    from lozo_exp import distributed
+    from lozo_exp.runner import TrainingDiverged, run
+
+    while (job := distributed.receive_run()) is not None:
+        try:
+            run(*job)
+        except (ConfigError, TrainingDiverged, outputs.RunFinished):
+            return
+        except Preempted as stop:
+            if stop.handed_over is not None:
+                raise stop.handed_over from None
+            raise SystemExit(stop.exit_status) from None
+    distributed.teardown()
 
 
 if __name__ == "__main__":

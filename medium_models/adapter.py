@@ -91,10 +91,14 @@ class MaskedLMAdapter(Adapter):
             input_ids=batch.input_ids, attention_mask=batch.attention_mask
         ).last_hidden_state
         at_mask = hidden[torch.arange(hidden.shape[0], device=hidden.device), batch.mask_pos]
-        return self.lm_head(at_mask)[:, self.word_ids].float()
+        logits = self.lm_head(at_mask)[:, self.word_ids]
+        return logits.to(torch.promote_types(logits.dtype, torch.float32))  # float64 stays
 
     def loss(self, batch: MaskBatch) -> torch.Tensor:
         return F.cross_entropy(self._label_logits(batch), batch.labels)
+
+    def loss_count(self, batch: MaskBatch) -> int:
+        return len(batch.labels)
 
     @classmethod
     def check(cls, task: PromptTask, tokenizer) -> None:

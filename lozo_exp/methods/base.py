@@ -10,6 +10,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from lozo_exp import distributed
 from lozo_exp.adapter import Adapter
 from lozo_exp.config import MethodConfig, RunConfig, failing
 from lozo_exp.data import Splits
@@ -80,6 +81,12 @@ class Method:
     def prepare_model(self, model: nn.Module) -> nn.Module:
         """Choose the trainable parameters (freeze, wrap with adapters); set train/eval mode."""
         model.train(False)
+        return model
+
+    def parallelize(self, model: nn.Module) -> nn.Module:
+        """Spread the prepared model over the run's processes (torchrun): by default every
+        process keeps the whole model, starting from the main process's weights."""
+        distributed.broadcast_module(model)
         return model
 
     def prepare_adapter(self, adapter: Adapter, splits: Splits) -> None:

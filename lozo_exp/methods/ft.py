@@ -1,6 +1,8 @@
 """Backprop methods: FT (all parameters) and FT-LoRA, with AdamW as HF Trainer runs it: linear
 warmup/decay, gradient-norm clipping and mixed precision (autocast over float32 master weights,
-a loss scaler for fp16)."""
+a loss scaler for fp16). Across processes (torchrun), FSDP2 shards the model
+(`lozo_exp.distributed.fully_shard_model`): weights are gathered in the autocast dtype and
+gradients reduced in float32 into the float32 shards, under the same autocast."""
 
 from __future__ import annotations
 
@@ -11,6 +13,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from lozo_exp import distributed
 from lozo_exp.config import RunConfig, failing
 from lozo_exp.methods.base import LossFn, Method, TrainingConfig, lr_factor, register
 from lozo_exp.methods.lora import LoRAConfig, LoRAMethod
@@ -66,7 +69,14 @@ class FTMethod(Method):
 
     def memory_floor(self, n_params: int, bytes_per_param: int) -> tuple[int, str]:
         what = "the weights, their gradients and AdamW's two moments"
-        return 4 * n_params * bytes_per_param, what
+        return _per_process(4 * n_params * bytes_per_param, what)
+
+    def parallelize(self, model: nn.Module) -> nn.Module:
+        """Across processes, FSDP shards the model (fp16/bf16 compute over float32 shards)."""
+        model = super().parallelize(model)
+        if distributed.world_size() == 1:
+            return model
+        return distributed.fully_shard_model(model, AMP_DTYPES.get(self.run.trainer.amp))
 
     def build_optimizer(self, model: nn.Module, seed: int) -> torch.optim.Optimizer:
         c, amp = self.cfg, self.run.trainer.amp
@@ -75,7 +85,7 @@ class FTMethod(Method):
         self.amp_dtype = AMP_DTYPES.get(amp)
         if amp == "fp16" and self.device_type == "cpu":
             log.warning("trainer.amp=fp16 on a CPU: fp16 autocast is slow there (bf16 is faster)")
-        self.scaler = torch.amp.GradScaler(self.device_type, enabled=amp == "fp16")
+        self.scaler = distributed.grad_scaler(self.device_type, enabled=amp == "fp16")
         groups = default_param_groups(model.named_parameters(), c.weight_decay)
         return torch.optim.AdamW(groups, lr=c.lr, betas=tuple(c.betas), eps=c.adam_eps)
 
@@ -95,7 +105,7 @@ class FTMethod(Method):
         max_norm = self.run.trainer.max_grad_norm
         if max_norm is not None:
             self.scaler.unscale_(optimizer)  # clip the true gradients
-            norm = torch.nn.utils.clip_grad_norm_(self.params, max_norm)
+            norm = distributed.clip_grad_norm_(self.params, max_norm)
             record["grad_norm"] = float(norm)  # before clipping; inf: fp16 step skipped
         self.scaler.step(optimizer)  # skipped when an fp16 gradient overflowed
         self.scaler.update()
@@ -112,3 +122,14 @@ class FTMethod(Method):
 @register
 class FTLoRAMethod(LoRAMethod, FTMethod):
     config = FTLoRAConfig
+
+    def memory_floor(self, n_params: int, bytes_per_param: int) -> tuple[int, str]:
+        return _per_process(*super().memory_floor(n_params, bytes_per_param))  # LoRA's
+
+
+def _per_process(need: int, what: str) -> tuple[int, str]:
+    """A memory floor on each GPU: across processes FSDP splits it evenly."""
+    world = distributed.world_size()
+    if world == 1:
+        return need, what
+    return need // world, f"{what}, split across {world} processes"

@@ -12,6 +12,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from lozo_exp import distributed
 from lozo_exp.config import RunConfig, choices, failing
 from lozo_exp.methods.base import LossFn, Method, TrainingConfig, register
 from lozo_exp.methods.lora import LoRAConfig, LoRAMethod
@@ -104,7 +105,10 @@ class MeZOMethod(Method):
         groups = default_param_groups(model.named_parameters(), self.cfg.weight_decay)
         opt = self.make_optimizer(groups, seed)
         if self.cfg.engine == "fast":
-            opt.use_engine(FastEngine(opt, model))
+            # "auto" places a perturbation by the tokens of this process's shard; across
+            # processes every one must write the same weights, so it stays on the side path.
+            placement = "side" if distributed.world_size() > 1 else "auto"
+            opt.use_engine(FastEngine(opt, model, placement))
         return opt
 
     def step(

@@ -357,11 +357,12 @@ class LowRankSidePath(Strategy):
                 uncovered.append(", ".join(f"{m}.{n}" for m, _, n in held) or f"param {i}")
         # Only a weight held by one Linear may be perturbed in place from inside its forward
         # (a tied embedding / LM head stays on the side path: its in-place pass is the larger).
-        self.movable = {
+        # A logged step replays its in-place moves whatever this engine's placement (a run
+        # logged in one process continues across several, where placement is "side").
+        self.replayable = {
             i for i, ms in self.side.items() if len(ms) == 1 and isinstance(ms[0], nn.Linear)
         }
-        if placement == "side":
-            self.movable = set()
+        self.movable = set() if placement == "side" else self.replayable
         log.info(
             "fast engine: %d matrices covered (placement %s); %d tensors always in place "
             "(1-D, and matrices of modules it does not cover: %s)",
@@ -432,11 +433,10 @@ class LowRankSidePath(Strategy):
         forwards choose nothing (its closure evaluates nothing)."""
         if placement is not None:
             bad = set(placement.at_plus) | set(placement.at_minus)
-            if not bad <= self.movable:
+            if not bad <= self.replayable:
                 raise ValueError(
-                    f"matrices {sorted(bad - self.movable)} cannot move in place from a forward "
-                    f"under placement {self.placement!r}: {placement} is not one of this "
-                    f"engine's steps"
+                    f"matrices {sorted(bad - self.replayable)} cannot move in place from a "
+                    f"forward: {placement} is not one of this engine's steps"
                 )
         self.replayed = placement
 
