@@ -341,11 +341,16 @@ def load_full_tensors_(named: dict[str, Tensor], full: dict[str, Tensor] | None)
                 p.copy_(source)
 
 
-def optimizer_state_dict(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+def optimizer_state_dict(
+    model: nn.Module, optimizer: torch.optim.Optimizer
+) -> dict[str, Any] | None:
     """The optimizer's state to save: its own in one process; under FSDP the whole state,
-    gathered to the main process's CPU, keyed by parameter name."""
+    gathered to the main process's CPU, keyed by parameter name, or None before the first step
+    (torch would take a zero step to make one, counting a step AdamW has not taken)."""
     if not sharded(model):
         return optimizer.state_dict()
+    if not optimizer.state:
+        return None
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
     options = StateDictOptions(full_state_dict=True, cpu_offload=True)
@@ -360,6 +365,8 @@ def load_optimizer_state_dict(
     if not sharded(model):
         optimizer.load_state_dict(state)
         return
+    if not from_main(lambda: state is not None):
+        return  # saved before the first step: a fresh optimizer
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
     options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
