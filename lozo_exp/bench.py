@@ -45,7 +45,7 @@ from lozo_exp.config import ConfigError, RunConfig, validate
 from lozo_exp.methods.zo import LOZOMConfig
 from lozo_exp.models import load_model, load_tokenizer
 from lozo_exp.optim import LOZO, LOZOM, FastEngine, MeZO, ZeroOrderOptimizer, add_direction, kernels
-from lozo_exp.tracking import synchronize
+from lozo_exp.tracking import resolve_device, synchronize
 
 log = logging.getLogger("lozo_exp.bench")
 
@@ -71,7 +71,6 @@ class BenchConfig:
     steps: list[str] = field(default_factory=lambda: list(STEPS))
     warmup: int = 2
     repeats: int = 5
-    device: str = "auto"  # "auto" (cuda when available), "cpu", "cuda", ...
     out: str | None = None  # also write the JSON here (e.g. results/bench/opt-13b.json)
 
 
@@ -341,10 +340,7 @@ def table(report: dict[str, Any]) -> str:
 
 def run_bench(cfg: BenchRunConfig, out_dir: Path) -> dict[str, Any]:
     check(cfg)
-    name = cfg.bench.device
-    device = torch.device(
-        ("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name
-    )
+    device = resolve_device(cfg.trainer.device)  # checked by validate() in check()
     tokenizer = load_tokenizer(cfg.model)
     torch.manual_seed(cfg.seed)
     t0 = time.perf_counter()
@@ -381,7 +377,10 @@ def bench(dict_cfg: DictConfig) -> None:
     """The Hydra job: a bad setting ends as one paragraph (`cli.run_hydra`)."""
     hydra_cfg = HydraConfig.get()
     cli.set_verbosity(bool(hydra_cfg.verbose))
-    run_bench(cli.to_object(dict_cfg), Path(hydra_cfg.runtime.output_dir))
+    try:
+        run_bench(cli.to_object(dict_cfg), Path(hydra_cfg.runtime.output_dir))
+    except ConfigError as err:
+        cli.fail(err)  # here, not through Hydra, which would print its own line first
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -77,21 +77,20 @@ def resume(run_dir: Path, overrides: Sequence[str], verbose: bool = False) -> fl
     cli.start(verbose)
     hydra_yaml = run_dir / ".hydra" / "hydra.yaml"
     name = OmegaConf.load(hydra_yaml).hydra.job.name if hydra_yaml.is_file() else "train"
-    handler = logging.FileHandler(run_dir / f"{name}.log") if run_dir.is_dir() else None
-    if handler is not None:
-        handler.setFormatter(logging.Formatter(cli.LOG_FORMAT))
-        logging.getLogger().addHandler(handler)
+    # the run's own log, where there is a run (nothing is written into another directory)
+    handler = logging.FileHandler(run_dir / f"{name}.log", delay=True)
+    handler.setFormatter(logging.Formatter(cli.LOG_FORMAT))
 
     def stored_config() -> RunConfig:
         outputs.check_output_dir(run_dir, resume="require")  # finished, or nothing to resume?
+        logging.getLogger().addHandler(handler)
         return cli.stored_run_config(run_dir, overrides)
 
     try:
         return run_job(stored_config, run_dir, "require")
     finally:
-        if handler is not None:
-            logging.getLogger().removeHandler(handler)
-            handler.close()
+        logging.getLogger().removeHandler(handler)
+        handler.close()
 
 
 def run_job(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+from conftest import run_cli
 
 from lozo_exp import cli
 from lozo_exp.bench import STEPS, BenchRunConfig, register_schema, run_bench
@@ -20,7 +21,7 @@ def test_cpu_bench_writes_the_documented_json(tmp_path, capsys):
     out = tmp_path / "results" / "tiny.json"
     cfg = bench_config(
         "model=tiny-opt", "bench.shapes=[2x8]", "bench.warmup=0", "bench.repeats=1",
-        "bench.device=cpu", f"bench.out={out}",
+        "trainer.device=cpu", f"bench.out={out}",
     )  # fmt: skip
     report = run_bench(cfg, tmp_path / "run")
     assert json.loads(out.read_text()) == json.loads((tmp_path / "run" / "bench.json").read_text())
@@ -48,8 +49,16 @@ def test_cpu_bench_writes_the_documented_json(tmp_path, capsys):
         ("bench.shapes=[32by64]", "BATCHxLENGTH"),
         ("bench.steps=[fwd,turbo]", "turbo"),
         ("method=lozo", "reads eps, rank, interval and beta from method=lozo-m"),
+        ("trainer.device=gpu", "'gpu' is not a device"),
     ],
 )
 def test_bad_bench_settings_fail_before_the_model_is_built(tmp_path, override, message):
     with pytest.raises(ConfigError, match=message):
         run_bench(bench_config("model=tiny-opt", override), tmp_path)
+
+
+def test_a_bad_bench_setting_is_one_paragraph_from_the_command(tmp_path):
+    done = run_cli(tmp_path, "bench", "model=tiny-opt", "trainer.device=gpu", timeout=120)
+    assert done.returncode == 1
+    assert "trainer.device='gpu' is not a device" in done.stderr
+    assert "Traceback" not in done.stderr and "Error executing job" not in done.stderr

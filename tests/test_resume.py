@@ -373,6 +373,11 @@ def test_the_resume_command(tmp_path, monkeypatch, capsys, caplog, whole_runs):
         train.main([f"resume={tmp_path / 'none'}"])
     assert "holds no run to resume" in capsys.readouterr().err
     assert not (tmp_path / "none").exists()
+    (tmp_path / "plain").mkdir()  # a directory without a run: nothing is written into it
+    with pytest.raises(SystemExit):
+        train.main([f"resume={tmp_path / 'plain'}"])
+    assert "holds no run to resume" in capsys.readouterr().err
+    assert not any((tmp_path / "plain").iterdir())
 
 
 # -- killed processes: the real command -------------------------------------------------------
