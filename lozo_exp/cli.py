@@ -261,6 +261,9 @@ def to_object(cfg: DictConfig) -> Any:
         return OmegaConf.to_object(cfg)
 
 
+OPTUNA_NOTHING_COMPLETED = "No trials are completed yet."  # the Optuna sweeper's last word then
+
+
 def run_hydra(
     task_function: Callable[[DictConfig], Any],
     config_name: str,
@@ -280,6 +283,14 @@ def run_hydra(
         if full_error == "1":
             raise
         fail(err)
+    except ValueError as err:
+        if full_error == "1" or str(err) != OPTUNA_NOTHING_COMPLETED:
+            raise
+        fail(
+            "no trial of the search completed: every job failed, was rejected or diverged (the "
+            "job lines above say why, and each job's results.json in the sweep directory), so "
+            "there is no best setting; fix the setting the jobs share, or the search ranges"
+        )
     finally:
         sys.argv = saved_argv
         if full_error is None:

@@ -76,3 +76,20 @@ def test_an_optuna_search_maximises_the_dev_metric_and_skips_failed_trials(tmp_p
     best = yaml.safe_load((tmp_path / "search" / "optimization_results.yaml").read_text())
     assert best["best_value"] == max(completed.values())
     assert best["best_params"]["method.rank"] == 1
+
+
+@pytest.mark.slow  # a 2-trial search whose jobs are all rejected, in a subprocess
+@pytest.mark.skipif(not PLUGIN, reason=NO_PLUGIN)
+def test_a_search_in_which_no_trial_completed_ends_in_one_paragraph(tmp_path):
+    pytest.importorskip("optuna")
+    done = run_cli(
+        tmp_path, "-m", "+search=lozo", "method.rank=0", "hydra.sweeper.n_trials=2",
+        "trainer.max_steps=2", "hydra.sweep.dir=search",
+    )  # fmt: skip
+    assert done.returncode == 1
+    assert "no trial of the search completed" in done.stderr
+    assert "Traceback" not in done.stderr
+    statuses = [
+        json.loads(p.read_text())["status"] for p in (tmp_path / "search").glob("*/results.json")
+    ]
+    assert statuses == ["rejected", "rejected"]
