@@ -26,7 +26,7 @@ from lozo_exp import cli
 from lozo_exp.adapter import load_task
 from lozo_exp.config import ConfigError, RunConfig, TaskConfig, validate
 from lozo_exp.data import load_rows
-from lozo_exp.models import load_model, load_tokenizer
+from lozo_exp.models import load_model, load_tokenizer, resolve_model
 from lozo_exp.tracking import resolve_device, synchronize
 
 log = logging.getLogger("eval_bench")
@@ -34,6 +34,7 @@ log = logging.getLogger("eval_bench")
 
 def _compose(overrides: Sequence[str]) -> RunConfig:
     run_cfg: RunConfig = cli.to_object(cli.compose("config", ["task.source=sample", *overrides]))
+    run_cfg.model = resolve_model(run_cfg.model)  # a local checkpoint's family from its config
     validate(run_cfg)
     if run_cfg.model.family != "causal":
         raise ConfigError(f"eval_bench measures causal models; model {run_cfg.model.name} is not")

@@ -43,7 +43,7 @@ from torch import Tensor, nn
 from lozo_exp import cli
 from lozo_exp.config import ConfigError, RunConfig, validate
 from lozo_exp.methods.zo import LOZOMConfig
-from lozo_exp.models import load_model, load_tokenizer
+from lozo_exp.models import load_model, load_tokenizer, resolve_model
 from lozo_exp.optim import LOZO, LOZOM, FastEngine, MeZO, ZeroOrderOptimizer, add_direction, kernels
 from lozo_exp.tracking import resolve_device, synchronize
 
@@ -339,6 +339,7 @@ def table(report: dict[str, Any]) -> str:
 
 
 def run_bench(cfg: BenchRunConfig, out_dir: Path) -> dict[str, Any]:
+    cfg.model = resolve_model(cfg.model)  # a local checkpoint's family from its config
     check(cfg)
     device = resolve_device(cfg.trainer.device)  # checked by validate() in check()
     tokenizer = load_tokenizer(cfg.model)

@@ -24,7 +24,7 @@ from transformers import (
 )
 
 from large_models.adapter import CausalLMAdapter
-from lozo_exp import models
+from lozo_exp import cli, models
 from lozo_exp import runner as runner_module
 from lozo_exp.adapter import load_task
 from lozo_exp.config import ConfigError
@@ -332,3 +332,25 @@ def test_demo_checks_every_run_before_the_first(tmp_path, capsys, args, message)
     last = capsys.readouterr().err.strip().splitlines()[-1]
     assert last.startswith("lozo-exp: ") and re.search(message, last), last
     assert not (tmp_path / "demo").exists()
+
+
+def test_the_benchmark_reads_a_local_checkpoints_family(llama_dir, tmp_path):
+    from lozo_exp.bench import register_schema, run_bench
+
+    register_schema()
+    overrides = ["model=local", f"model.hub_id={llama_dir}", "bench.shapes=[2x8]"]
+    overrides += ["bench.warmup=0", "bench.repeats=1", "trainer.device=cpu"]
+    report = run_bench(cli.to_object(cli.compose("bench", overrides)), tmp_path)
+    assert report["model"] == "local" and report["params"] > 0
+    assert report["shapes"][0]["timings"]["fast_lozo"]["median_ms"] > 0
+
+
+def test_the_evaluation_benchmark_reads_a_local_checkpoints_family(llama_dir, tmp_path):
+    from large_models import eval_bench
+
+    out = tmp_path / "eval.json"
+    eval_bench.main(
+        ["--out", str(out), "--tasks", "cb", "--rows", "2", "--single-rows", "1",
+         "model=local", f"model.hub_id={llama_dir}", "trainer.eval_batch_size=2"]
+    )  # fmt: skip
+    assert json.loads(out.read_text())["tasks"]["cb"]["agreement"] == 1.0
