@@ -401,8 +401,10 @@ def by_size(models: Iterable[str]) -> list[str]:
 def table_groups(cells: Sequence[Cell]) -> dict[tuple[str, Any], list[Cell]]:
     """Cells per table: one table per (model, k)."""
     groups: dict[tuple[str, Any], list[Cell]] = {}
-    for cell in cells:
-        groups.setdefault((cell.model, cell.k), []).append(cell)
+    for model in by_size(c.model for c in cells):  # smallest model first
+        for cell in cells:
+            if cell.model == model:
+                groups.setdefault((cell.model, cell.k), []).append(cell)
     return groups
 
 
@@ -507,8 +509,10 @@ def table_csv(cells: Sequence[Cell]) -> pd.DataFrame:
     wide = wide.reindex(columns=[(v, t) for t in tasks for v in values])
     wide.columns = [task if what == "mean" else f"{task}_{what}" for what, task in wide.columns]
     wide = wide.reset_index()
+    size = wide["model"].map({m: i for i, m in enumerate(by_size(wide["model"]))})
     rank = wide["method"].map({m: i for i, m in enumerate(METHOD_ORDER)}).fillna(len(METHOD_ORDER))
-    return wide.assign(rank=rank).sort_values(["model", "k", "rank", "method"]).drop(columns="rank")
+    order = ["size", "k", "rank", "method"]
+    return wide.assign(size=size, rank=rank).sort_values(order).drop(columns=["size", "rank"])
 
 
 def write_tables(cells: Sequence[Cell], out: Path) -> None:

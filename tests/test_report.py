@@ -316,6 +316,17 @@ def test_memory_table_says_when_a_model_does_not_fit(tmp_path):
     assert md.index("| opt-2.7b |") < md.index("| opt-13b |")  # by size, not by name
 
 
+def test_tables_list_models_smallest_first(tmp_path):
+    big = write_run(tmp_path, "a", opt("sst2", "lozo", 1e-6), dev=0.9, tests={"test": 0.9})
+    small = ["model=opt-1.3b", *opt("sst2", "lozo", 1e-6)[1:]]
+    write_run(tmp_path, "b", small, dev=0.8, tests={"test": 0.8})
+    report.report([big.parent], tmp_path / "out")
+    md = (tmp_path / "out" / "table.md").read_text()
+    assert md.index("opt-1.3b, k=") < md.index("opt-13b, k=")  # not by name, not by run order
+    table = pd.read_csv(tmp_path / "out" / "table.csv")
+    assert list(table["model"]) == ["opt-1.3b", "opt-13b"]
+
+
 def test_a_single_run_is_a_report(tmp_path):
     run = write_run(tmp_path, "only", opt("sst2", "lozo", 1e-6), dev=0.9, tests={"test": 0.9})
     report.report([run], tmp_path / "out")
