@@ -105,8 +105,11 @@ def test_sharded_fine_tuning_needs_its_share_of_the_memory_on_each_gpu(monkeypat
     _two_processes(monkeypatch)
     two = {m: method.memory_floor(10**9, 4) for m, method in methods.items()}
     assert two["ft"] == (one["ft"] // 2, two["ft"][1]) and "split across 2" in two["ft"][1]
-    assert two["ft-lora"][0] == one["ft-lora"] // 2
+    assert two["ft-lora"][0] == one["ft-lora"]  # LoRA's floor: the weights each process loads
     assert two["lozo"][0] == one["lozo"]  # zeroth-order: every process keeps the whole model
+    monkeypatch.setattr(distributed, "world_size", lambda: 8)
+    eight = methods["ft"].memory_floor(10**9, 4)  # 16 GB / 8 < the 4 GB every process loads
+    assert eight[0] == 4 * 10**9 and "loads first" in eight[1]
 
 
 def test_an_ft_checkpoint_continues_only_with_the_process_count_that_wrote_it(tmp_path):

@@ -69,7 +69,7 @@ class FTMethod(Method):
 
     def memory_floor(self, n_params: int, bytes_per_param: int) -> tuple[int, str]:
         what = "the weights, their gradients and AdamW's two moments"
-        return _per_process(4 * n_params * bytes_per_param, what)
+        return _per_process(4 * n_params * bytes_per_param, what, n_params * bytes_per_param)
 
     def parallelize(self, model: nn.Module) -> nn.Module:
         """Across processes, FSDP shards the model (fp16/bf16 compute over float32 shards)."""
@@ -123,13 +123,13 @@ class FTMethod(Method):
 class FTLoRAMethod(LoRAMethod, FTMethod):
     config = FTLoRAConfig
 
-    def memory_floor(self, n_params: int, bytes_per_param: int) -> tuple[int, str]:
-        return _per_process(*super().memory_floor(n_params, bytes_per_param))  # LoRA's
 
-
-def _per_process(need: int, what: str) -> tuple[int, str]:
-    """A memory floor on each GPU: across processes FSDP splits it evenly."""
+def _per_process(need: int, what: str, weights: int) -> tuple[int, str]:
+    """A memory floor on each GPU: across processes FSDP splits it evenly, but each process
+    first loads the whole model (`weights` bytes) and only then shards it."""
     world = distributed.world_size()
     if world == 1:
         return need, what
+    if need // world < weights:
+        return weights, f"the whole weights, which each of the {world} processes loads first"
     return need // world, f"{what}, split across {world} processes"
