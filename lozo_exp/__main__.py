@@ -7,9 +7,10 @@ config groups and the commands. Each command is a module's `main(argv)`, importe
 from __future__ import annotations
 
 import importlib
-import os
 import sys
 from collections.abc import Sequence
+
+from lozo_exp import cli
 
 COMMANDS = {
     "train": "lozo_exp.train",  # fine-tune and test one run, or a sweep (-m)
@@ -30,7 +31,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             f"lozo-exp: {args[0]!r} is neither a command ({', '.join(COMMANDS)}) nor an override "
             f"(key=value); see lozo-exp --help"
         )
-    if command != "train" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+    if command != "train" and cli.torchrun_processes() > 1:
         raise SystemExit(
             f"lozo-exp: under torchrun only `train` runs across processes; run `lozo-exp "
             f"{command}` as one process (python -m lozo_exp {command} ...)"

@@ -312,6 +312,12 @@ class StartGuard(Callback):
         self._check(config, Path(config.hydra.run.dir), [], "hydra.run.dir")
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        if torchrun_processes() > 1:
+            fail(
+                "a sweep (-m) under torchrun is not supported: torchrun runs one run across its "
+                "processes; to run a sweep's jobs in parallel, each on its own GPUs, use "
+                "hydra/launcher=gpus_local (hydra.launcher.gpus_per_job=N for data-parallel jobs)"
+            )
         HydraConfig.instance().set_config(config)
         sweep_dir = Path(config.hydra.sweep.dir)
         self._check(config, sweep_dir, list(outputs.job_dirs(sweep_dir)), "hydra.sweep.dir")

@@ -43,12 +43,6 @@ def train(dict_cfg: DictConfig) -> float | None:
         log.info("HF_HUB_OFFLINE=1: reading only local files and the hub cache")
     out_dir = Path(hydra_cfg.runtime.output_dir)
     sweep = hydra_cfg.mode == RunMode.MULTIRUN
-    if cli.torchrun_processes() > 1 and sweep:
-        cli.fail(
-            "a sweep (-m) under torchrun is not supported: torchrun runs one run across its "
-            "processes; to run a sweep's jobs in parallel, each on its own GPUs, use "
-            "hydra/launcher=gpus_local (hydra.launcher.gpus_per_job=N for data-parallel jobs)"
-        )
 
     def config() -> RunConfig:
         # A single run's directory was claimed before Hydra wrote to it (StartGuard), which

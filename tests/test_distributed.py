@@ -449,8 +449,9 @@ def test_torchrun_launch_writes_one_run_directory_and_reports_bad_launches(tmp_p
     assert "lozo_exp/" not in bad.stderr, bad.stderr  # no traceback of ours (torchrun's follows)
     assert json.loads((tmp_path / "bad" / "results.json").read_text())["status"] == "rejected"
 
-    sweep = _torchrun(tmp_path, "-m", "method.lr=1e-3,1e-4")
+    sweep = _torchrun(tmp_path, "-m", "method.lr=1e-3,1e-4", "hydra.sweep.dir=sweep")
     assert sweep.returncode != 0 and "a sweep (-m) under torchrun is not supported" in sweep.stderr
+    assert not (tmp_path / "sweep").exists()  # refused before Hydra wrote anything
 
 
 @pytest.mark.slow  # torchrun with two processes, twice
