@@ -56,7 +56,7 @@ class RunFinished(Exception):
     """The run to resume has finished (completed or diverged): there is nothing to continue."""
 
 
-def _read_results(directory: Path) -> dict[str, Any]:
+def read_results(directory: Path) -> dict[str, Any]:
     """`directory/results.json`; {} without one, status "unreadable" when it cannot be parsed."""
     try:
         results = json.loads((directory / RESULTS).read_text())
@@ -69,7 +69,7 @@ def _read_results(directory: Path) -> dict[str, Any]:
 
 def read_status(directory: Path) -> str | None:
     """The `status` in `directory/results.json`, None without one."""
-    results = _read_results(directory)
+    results = read_results(directory)
     return results.get("status", "unknown") if results else None
 
 
@@ -335,7 +335,7 @@ class SweepSummary(Callback):
         jobs = sorted(started, key=started.__getitem__)  # in launch order
         by_status: dict[str, list[str]] = {}
         for job in jobs:
-            results = _read_results(job)
+            results = read_results(job)
             status = results.get("status", "missing")
             error = f": {_first_line(results['error'])}" if "error" in results else ""
             by_status.setdefault(status, []).append(f"{job}{error}")

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import run_cli
 from hydra.errors import HydraException
 
 from hydra_plugins.lozo_exp_launcher.gpus_local import job_slots, visible_gpus
@@ -29,6 +30,15 @@ def test_bad_launcher_settings_name_the_setting():
         job_slots(["0", "1"], 3, cpu_jobs=1)
     with pytest.raises(HydraException, match=r"hydra\.launcher\.cpu_jobs=0 must be positive"):
         job_slots([], 1, cpu_jobs=0)
+
+
+def test_a_bad_launcher_setting_ends_the_sweep_before_anything_is_written(tmp_path):
+    done = run_cli(tmp_path, "-m", "hydra/launcher=gpus_local", "hydra.launcher.cpu_jobs=0",
+                   "hydra.sweep.dir=sweep", "method.lr=1e-3,1e-4", timeout=120)  # fmt: skip
+    assert done.returncode == 1 and "hydra.launcher.cpu_jobs=0 must be" in done.stderr
+    assert "Traceback" not in done.stderr
+    assert not (tmp_path / "sweep" / "multirun.yaml").exists()
+    assert not list((tmp_path / "sweep").glob("*/.hydra"))
 
 
 def test_the_visible_gpus_are_the_ones_cuda_visible_devices_names(monkeypatch):

@@ -15,7 +15,6 @@ import annotations` (Hydra's plugin scan runs it outside `sys.modules`, where a 
 cannot resolve string annotations).
 """
 
-import json
 import logging
 import os
 import queue
@@ -118,19 +117,22 @@ class GPUsLocalLauncher(Launcher):
         self.gpus_per_job, self.cpu_jobs = gpus_per_job, cpu_jobs
         self.config: DictConfig | None = None
         self.hydra_context: HydraContext | None = None
+        self.slots: list[list[str] | None] = []
 
     def setup(
         self, *, hydra_context: HydraContext, task_function: TaskFunction, config: DictConfig
     ) -> None:
         self.config, self.hydra_context = config, hydra_context
+        # bad settings end here, before the sweeper writes the sweep directory
+        self.slots = job_slots(
+            visible_gpus() if self.gpus is None else self.gpus, self.gpus_per_job, self.cpu_jobs
+        )
 
     def launch(self, job_overrides: Any, initial_job_idx: int) -> list[JobReturn]:
         assert self.config is not None and self.hydra_context is not None
         setup_globals()
         configure_log(self.config.hydra.hydra_logging, self.config.hydra.verbose)
-        slots = job_slots(
-            visible_gpus() if self.gpus is None else self.gpus, self.gpus_per_job, self.cpu_jobs
-        )
+        slots = self.slots
         jobs = [self._job(initial_job_idx + k, list(o)) for k, o in enumerate(job_overrides)]
         where = "the CPU" if slots[0] is None else f"GPUs {', '.join(map(','.join, slots))}"
         log.info("Launching %d jobs, %d at a time, on %s", len(jobs), len(slots), where)
@@ -180,11 +182,13 @@ class GPUsLocalLauncher(Launcher):
         job.directory.mkdir(parents=True, exist_ok=True)
         where = "CPU" if gpus is None else f"GPU {','.join(gpus)}"
         log.info("\t#%d (%s): %s", job.num, where, " ".join(filter_overrides(job.overrides)))
-        with (job.directory / "console.log").open("w") as console:
+        with (job.directory / "console.log").open("a") as console:  # never truncate a file
             code = subprocess.run(
                 self._command(job), stdout=console, stderr=subprocess.STDOUT, env=env
             ).returncode
-        results = _read_results(job.directory)
+        from lozo_exp.outputs import read_results
+
+        results = read_results(job.directory)
         status = results.get("status", "missing")
         log.info("\t#%d %s (exit status %d): %s", job.num, status, code, job.directory)
         dev = results.get("dev") or {}
@@ -200,11 +204,3 @@ class GPUsLocalLauncher(Launcher):
             status=JobStatus.COMPLETED,  # as an in-process sweep's job: its status is on disk
             _return_value=dev.get(results.get("metric")),
         )
-
-
-def _read_results(directory: Path) -> dict[str, Any]:
-    try:
-        results = json.loads((directory / "results.json").read_text())
-    except (OSError, ValueError):
-        return {}
-    return results if isinstance(results, dict) else {}
