@@ -280,7 +280,8 @@ class Runner:
                 state.next_batch(self.splits.train, self.cfg.method.batch_size)
             )
             batch = self.adapter.collate(rows)
-            count = self.adapter.loss_count(batch) * weight
+            several = distributed.world_size() > 1  # one process: the loss is the mean itself
+            count = self.adapter.loss_count(batch) * weight if several else 1
             lr = method.learning_rate(state.step, self.max_steps)
             for group in optimizer.param_groups:
                 group["lr"] = lr
