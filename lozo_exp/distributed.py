@@ -76,7 +76,7 @@ def is_main() -> bool:
     return rank() == 0
 
 
-def send_run(job: tuple[RunConfig, Path] | None) -> None:
+def send_run(job: tuple[RunConfig, Path, str] | None) -> None:
     """From the main process: the next run (config and output directory) for every process, or
     None when there is no other."""
     dist.broadcast_object_list([job], src=0)

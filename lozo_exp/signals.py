@@ -66,12 +66,12 @@ class StopSignals:
             log.warning("%s received: a checkpoint after this step", signal.Signals(signum).name)
 
     def stop_if_signalled(
-        self, step: int, checkpoint: Callable[[], None], signums: Sequence[int] | None = None
+        self, step: int, checkpoint: Callable[[], None], signums: Sequence[int]
     ) -> None:
         """If signals came: `checkpoint()`, then hand each over in turn (see the module).
-        `signums`: the signals to act on instead of those noted here (across processes: those
-        any process noted, so all stop at the same step); a later one waits for the next step."""
-        came = list(self.pending if signums is None else signums)
+        `signums`: the signals to act on, those any process noted (`distributed.agree`), so all
+        stop at the same step; a later one waits for the next step."""
+        came = list(signums)
         self.pending = [s for s in self.pending if s not in came]
         if not came:
             return
