@@ -340,7 +340,9 @@ def test_the_benchmark_reads_a_local_checkpoints_family(llama_dir, tmp_path):
     register_schema()
     overrides = ["model=local", f"model.hub_id={llama_dir}", "bench.shapes=[2x8]"]
     overrides += ["bench.warmup=0", "bench.repeats=1", "trainer.device=cpu"]
-    report = run_bench(cli.to_object(cli.compose("bench", overrides)), tmp_path)
+    cfg = cli.to_object(cli.compose("bench", overrides))
+    report = run_bench(cfg, tmp_path)
+    assert cfg.model.family == "causal"  # read from the Llama checkpoint's config
     assert report["model"] == "local" and report["params"] > 0
     assert report["shapes"][0]["timings"]["fast_lozo"]["median_ms"] > 0
 
