@@ -17,7 +17,7 @@ import signal
 import threading
 from collections.abc import Callable, Sequence
 from types import FrameType
-from typing import Any
+from typing import Any, NoReturn
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +37,13 @@ class Preempted(Exception):
     @property
     def exit_status(self) -> int:
         return 128 + self.signum
+
+    def exit(self) -> NoReturn:
+        """End the process as the signal would: through the handler it was handed over to
+        (e.g. submitit's exit after it requeued the job), else with status 128 + signum."""
+        if self.handed_over is not None:
+            raise self.handed_over from None
+        raise SystemExit(self.exit_status) from None
 
 
 class StopSignals:

@@ -106,9 +106,7 @@ def run_job(
         return None
     except Preempted as stop:
         log.warning("%s; continue it with: lozo-exp resume=%s", stop, out_dir)
-        if stop.handed_over is not None:
-            raise stop.handed_over from None  # e.g. submitit's exit after it requeued the job
-        raise SystemExit(stop.exit_status) from None
+        stop.exit()
     except Exception as err:
         if resume != "require":  # a resume that fails leaves the run as it was
             outputs.record_failure(out_dir, err, cfg)
@@ -168,9 +166,7 @@ def follow() -> None:
         except (ConfigError, TrainingDiverged, outputs.RunFinished):
             return
         except Preempted as stop:
-            if stop.handed_over is not None:
-                raise stop.handed_over from None
-            raise SystemExit(stop.exit_status) from None
+            stop.exit()
     distributed.teardown()
 
 
