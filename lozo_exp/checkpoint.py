@@ -190,7 +190,6 @@ class Checkpoints:
         self.config = config_dict(cfg)
         self.base: list[float] = []  # the base weights' fingerprint, once they are built
         self.saved_step: int | None = None
-        self.metrics_read: list[dict[str, Any]] = []  # metrics.jsonl as a resume found it
         self.saved_at = time.monotonic()
 
     def due(self, step: int, evaluated: bool) -> bool:
@@ -308,12 +307,10 @@ class Checkpoints:
         """Bring `state` (a freshly built run whose base weights are fingerprinted in `base`)
         to where the run in this directory stopped, cut its logs back to that step, and return
         the saved checkpoint."""
-        saved, records, recorded = distributed.from_main(self._read)
+        saved, records = distributed.from_main(self._read)
         step = saved["step"]
         if self.replay:
             step = _last_without_evaluation(step, len(records), evaluates_at)
-            if step > saved["step"] and step % log_steps == 0 and step > recorded:
-                step -= 1  # killed between its step-log line and its metrics record: redone
             replay(state, records[:step], self.progress_every_s)
         else:
             self._load_trainer(saved, state)
@@ -322,7 +319,7 @@ class Checkpoints:
         if not distributed.is_main():
             return saved
         rewrite_jsonl(self.out_dir / STEPS, records[:step])
-        metrics = self.metrics_read  # by `_read`
+        metrics = read_jsonl(self.out_dir / METRICS)
         kept = [r for r in metrics if r.get("step", 0) <= step and r.get("split") != "final"]
         rewrite_jsonl(self.out_dir / METRICS, kept)
         log.info(
@@ -336,9 +333,8 @@ class Checkpoints:
         )
         return saved
 
-    def _read(self) -> tuple[dict[str, Any], list[dict[str, Any]], int]:
-        """The checkpoint, the logged steps, checked against this run, and the last step with a
-        training record in metrics.jsonl (main process)."""
+    def _read(self) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+        """The checkpoint and the logged steps, checked against this run (main process)."""
         saved = self.load()
         if not _same_base(saved["base"], self.base):
             raise CheckpointError(
@@ -352,9 +348,7 @@ class Checkpoints:
                 f"{self.out_dir / STEPS} logs {len(records)} steps, fewer than the "
                 f"{saved['step']} of {self.path}: the two do not belong together"
             )
-        self.metrics_read = metrics = read_jsonl(self.out_dir / METRICS)
-        recorded = max((r["step"] for r in metrics if "loss" in r and "step" in r), default=0)
-        return saved, records, recorded
+        return saved, records
 
     def check_processes(self, saved: dict[str, Any]) -> None:
         """A checkpoint with weights continues with the number of processes that wrote it:

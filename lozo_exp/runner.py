@@ -292,9 +292,6 @@ class Runner:
             times.append(time.perf_counter() - start)
             state.losses.append(loss)
             state.step += 1
-            if self.steps is not None:
-                self.steps.write({"step": state.step, "loss": loss, "lr": lr,
-                                  **method.step_record(optimizer)})  # fmt: skip
             if state.step % tr.log_steps == 0 or not math.isfinite(loss):
                 record = {
                     "step": state.step,
@@ -305,6 +302,9 @@ class Runner:
                 }
                 metrics.write({**record, **extra})  # extra: the last step's (e.g. its g)
                 state.losses, times = [], []
+            if self.steps is not None:  # after its metrics record: a resume replays up to here
+                self.steps.write({"step": state.step, "loss": loss, "lr": lr,
+                                  **method.step_record(optimizer)})  # fmt: skip
             if not math.isfinite(loss):
                 raise TrainingDiverged(self._diverged(loss))
             progress.update(state.step, f"loss {loss:.4f}")

@@ -23,7 +23,7 @@ from conftest import LOZO_EXP, compose_config, read_metrics, run_cli, run_overri
 from omegaconf import OmegaConf
 from safetensors.torch import load_file
 
-from lozo_exp import checkpoint, cli, outputs, train
+from lozo_exp import checkpoint, cli, outputs, tracking, train
 from lozo_exp import runner as runner_module
 from lozo_exp.checkpoint import CheckpointError
 from lozo_exp.config import ConfigError
@@ -246,18 +246,23 @@ def test_lines_cut_short_are_dropped_with_a_warning(tmp_path, monkeypatch, whole
     assert f"replayed {logged} steps" in caplog.text
 
 
-def test_a_kill_between_a_step_log_line_and_its_metrics_record_redoes_that_step(
+def test_a_step_is_logged_for_replay_only_after_its_metrics_record(
     tmp_path, monkeypatch, whole_runs
 ):
-    """A ZO run killed after step 12's steps.jsonl line but before its metrics.jsonl record
-    (log_steps 3) continues from step 11, so the record is written, once."""
-    with at_loss_call(monkeypatch, 28, crash), pytest.raises(RuntimeError):
+    """A ZO run that dies writing step 12's metrics.jsonl record (log_steps 3) has not logged
+    step 12 for replay, so a resume redoes it and the record is written, once."""
+    write = tracking.MetricsLog.write
+
+    def dies_at_step_12(self, record):
+        if record.get("step") == 12 and "loss" in record:
+            raise RuntimeError("killed")
+        write(self, record)
+
+    monkeypatch.setattr(tracking.MetricsLog, "write", dies_at_step_12)
+    with pytest.raises(RuntimeError, match="killed"):
         run(compose_config(*CASES["lozo-m"], *RUN), tmp_path)
-    assert json.loads((tmp_path / "checkpoint.json").read_text())["step"] == 10
-    lines = (tmp_path / "steps.jsonl").read_text().splitlines(keepends=True)
-    (tmp_path / "steps.jsonl").write_text("".join(lines[:12]))
-    kept = [r for r in read_metrics(tmp_path) if r.get("step", 0) < 12 and "status" not in r]
-    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in kept))
+    monkeypatch.setattr(tracking.MetricsLog, "write", write)
+    assert (tmp_path / "steps.jsonl").read_text().count("\n") == 11
     run(compose_config(*CASES["lozo-m"], *RUN), tmp_path, resume="require")
     assert json.loads((tmp_path / "results.json").read_text())["resumed_at"] == [11]
     assert_same_run(tmp_path, whole_runs("lozo-m"))
